@@ -1,0 +1,32 @@
+"""Gemma 1 / Gemma 2 backbone: configuration, presets, the decoder and its decoding cache."""
+
+from posttrain.models.cache import DecodeCache, init_cache
+from posttrain.models.config import PRESETS, ModelConfig, get_preset
+from posttrain.models.transformer import (
+    Transformer,
+    abstract_params,
+    decode_step,
+    forward,
+    init_params,
+    logits_from_hidden,
+    param_logical_axes,
+    positions_from_segments,
+    prefill,
+)
+
+__all__ = [
+    "PRESETS",
+    "DecodeCache",
+    "ModelConfig",
+    "Transformer",
+    "abstract_params",
+    "decode_step",
+    "forward",
+    "get_preset",
+    "init_cache",
+    "init_params",
+    "logits_from_hidden",
+    "param_logical_axes",
+    "positions_from_segments",
+    "prefill",
+]

@@ -1,0 +1,148 @@
+"""Multi-head attention for Gemma: MQA, MHA and GQA; global or sliding-window; soft-capped.
+
+Two modes share one set of weights:
+* sequence mode (training, scoring, prefill): queries attend within the given tokens, masked by
+  causality, segment ids (packing, left padding) and, on local layers, the window;
+* decode mode: one new token per row attends to a cache whose slots carry the position of the
+  key they hold (-1 for empty or padding). Local layers keep a ring buffer of `window` slots, so
+  their cache is O(window), not O(sequence).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from posttrain.models.config import AttentionType, ModelConfig
+from posttrain.models.layers import Einsum, apply_rope, soft_cap
+
+Array = jax.Array
+
+# Large finite negative rather than -inf: a fully masked row (a padding query) then gives a
+# uniform softmax instead of NaN, and its output is ignored anyway.
+MASK_VALUE = -2.3819763e38
+
+
+class LayerCache(NamedTuple):
+    """Keys and values of one layer in cache slots: [b, c, k, h] each."""
+
+    keys: Array
+    values: Array
+
+
+def sequence_mask(segment_ids: Array, window: int | None) -> Array:
+    """Mask [b, t, s] for attention within a sequence.
+
+    Query i sees key j when j <= i, both are in the same non-padding segment (id > 0), and, with
+    a window W, i - j < W (W keys including itself, as in both references).
+    """
+    length = segment_ids.shape[1]
+    index = jnp.arange(length)
+    allowed = index[:, None] >= index[None, :]
+    if window is not None:
+        allowed &= index[:, None] - index[None, :] < window
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return allowed[None] & same_segment & (segment_ids[:, None, :] > 0)
+
+
+def cache_mask(query_positions: Array, key_positions: Array, window: int | None) -> Array:
+    """Mask [b, t, c] of cache slots for queries at `query_positions` [b, t].
+
+    key_positions [b, c] holds each slot's key position, -1 where the slot is empty or padding.
+    """
+    q = query_positions[:, :, None]
+    k = key_positions[:, None, :]
+    allowed = (k >= 0) & (k <= q)
+    if window is not None:
+        allowed &= k > q - window
+    return allowed
+
+
+class Attention(nn.Module):
+    """Gemma self-attention with the official parameter layout."""
+
+    config: ModelConfig
+    attn_type: AttentionType
+
+    @property
+    def window(self) -> int | None:
+        """Sliding window of this layer, None for global layers."""
+        return self.config.sliding_window if self.attn_type == "local" else None
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        positions: Array,
+        segment_ids: Array | None = None,
+        cache: LayerCache | None = None,
+        key_positions: Array | None = None,
+        write_slot: Array | None = None,
+    ) -> tuple[Array, LayerCache]:
+        """Attend. Returns the output [b, t, d] and either this call's keys and values
+        (sequence mode) or the updated cache (decode mode, when `cache` is given)."""
+        cfg = self.config
+        n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+        pdt = cfg.param_dtype
+        if k == n:
+            # The official MHA checkpoints fuse q, k and v in one weight.
+            qkv = Einsum((3, n, d, h), (None, "heads", "embed", "head_dim"), pdt, name="qkv_einsum")
+            query, key, value = qkv("btd,cndh->cbtnh", x)
+        else:
+            query = Einsum((n, d, h), ("heads", "embed", "head_dim"), pdt, name="q_einsum")(
+                "btd,ndh->btnh", x
+            )
+            kv = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), pdt, name="kv_einsum")
+            key, value = kv("btd,ckdh->cbtkh", x)
+        query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
+
+        query = apply_rope(query, positions, cfg.rope_base)
+        key = apply_rope(key, positions, cfg.rope_base)
+        # Scale after RoPE and before q.k, as the reference does.
+        query = query * jnp.asarray(cfg.query_scale, query.dtype)
+
+        if cache is None:
+            if segment_ids is None:
+                segment_ids = jnp.ones(x.shape[:2], jnp.int32)
+            mask = sequence_mask(segment_ids, self.window)
+            attended_keys, attended_values = key, value
+            out_cache = LayerCache(key, value)
+        else:
+            if x.shape[1] != 1:
+                raise ValueError(f"decode mode takes one token per row, got {x.shape[1]}")
+            # Writing before attending is safe for one token: the slot it overwrites held the
+            # key `window` steps back, which this query no longer sees.
+            attended_keys = jax.lax.dynamic_update_slice_in_dim(
+                cache.keys, key.astype(cache.keys.dtype), write_slot, axis=1
+            )
+            attended_values = jax.lax.dynamic_update_slice_in_dim(
+                cache.values, value.astype(cache.values.dtype), write_slot, axis=1
+            )
+            mask = cache_mask(positions, key_positions, self.window)
+            out_cache = LayerCache(attended_keys, attended_values)
+
+        encoded = _attend(query, attended_keys, attended_values, mask, cfg.attn_logit_softcap)
+        encoded = nn.with_logical_constraint(encoded, ("act_batch", "act_length", "act_heads", None))
+        out = Einsum((n, h, d), ("heads", "head_dim", "embed"), pdt, name="attn_vec_einsum")(
+            "btnh,nhd->btd", encoded
+        )
+        return out, out_cache
+
+
+def _attend(query: Array, keys: Array, values: Array, mask: Array, cap: float | None) -> Array:
+    """Softmax attention; q [b, t, n, h], k/v [b, s, k, h], mask [b, t, s] -> [b, t, n, h]."""
+    b, t, n, h = query.shape
+    k = keys.shape[2]
+    # Query head i uses kv head i // (n / k): the contiguous grouping of both references.
+    grouped = query.reshape(b, t, k, n // k, h)  # [b, t, k, g, h]
+    logits = jnp.einsum(
+        "btkgh,bskh->bkgts", grouped, keys.astype(query.dtype), preferred_element_type=jnp.float32
+    )
+    logits = soft_cap(logits, cap)  # capped before masking
+    logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)  # softmax in float32
+    encoded = jnp.einsum("bkgts,bskh->btkgh", probs, values)
+    return encoded.reshape(b, t, n, h).astype(query.dtype)

@@ -1,0 +1,156 @@
+"""Building blocks shared by the Gemma blocks: projections, RMSNorm, RoPE, embedder, GeGLU MLP.
+
+Parameter names follow the official Flax tree (`embedder/input_embedding`, `mlp/gating_einsum`,
+...) so that official checkpoints load without renaming. Every parameter carries logical axis
+names (see `posttrain.sharding`) that a mesh maps to devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+
+def partitioned_param(
+    module: nn.Module,
+    name: str,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: str,
+) -> Array:
+    """Declare a parameter annotated with logical axis names."""
+    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
+
+
+class Einsum(nn.Module):
+    """A weight `w` of fixed shape used in an einsum (no bias, as in Gemma)."""
+
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]
+    param_dtype: str = "float32"
+    init_fn: Initializer = nn.initializers.normal(stddev=0.02)
+
+    @nn.compact
+    def __call__(self, equation: str, x: Array) -> Array:
+        """Contract `x` with the weight; the weight is cast to the activation dtype."""
+        w = partitioned_param(self, "w", self.init_fn, self.shape, self.axes, self.param_dtype)
+        return jnp.einsum(equation, x, w.astype(x.dtype))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * (1 + scale), computed in float32 and cast back (as transformers does)."""
+
+    eps: float = 1e-6
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Normalise the last axis."""
+        scale = partitioned_param(
+            self, "scale", nn.initializers.zeros_init(), (x.shape[-1],), ("norm",), self.param_dtype
+        )
+        x32 = x.astype(jnp.float32)
+        # eps inside the rsqrt, and the (1 + scale) form: the stored value is the raw scale.
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def apply_rope(x: Array, positions: Array, base: float) -> Array:
+    """Rotary embedding in the half-split layout ([a|b] halves, not interleaved pairs).
+
+    x: [b, t, n, h]; positions: [b, t]. Angles are computed in float32.
+    """
+    half = x.shape[-1] // 2
+    fraction = 2.0 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1]
+    timescale = base**fraction  # [h/2]
+    angles = positions.astype(jnp.float32)[..., None] / timescale  # [b, t, h/2]
+    sin = jnp.sin(angles)[:, :, None, :]  # [b, t, 1, h/2]
+    cos = jnp.cos(angles)[:, :, None, :]
+    first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def soft_cap(x: Array, cap: float | None) -> Array:
+    """cap * tanh(x / cap): bounds logits smoothly (Gemma 2)."""
+    if cap is None:
+        return x
+    return cap * jnp.tanh(x / cap)
+
+
+class Embedder(nn.Module):
+    """Token embedding, scaled by sqrt(d); its transpose gives the logits (tied weights)."""
+
+    num_embed: int
+    vocab_size: int
+    embed_dim: int
+    param_dtype: str = "float32"
+
+    def setup(self) -> None:
+        """Declare the embedding table [num_embed, d]."""
+        self.input_embedding = partitioned_param(
+            self,
+            "input_embedding",
+            nn.initializers.normal(stddev=1.0),
+            (self.num_embed, self.embed_dim),
+            ("vocab", "embed"),
+            self.param_dtype,
+        )
+
+    def encode(self, tokens: Array, dtype: str) -> Array:
+        """Embed tokens [b, t] into [b, t, d]."""
+        x = jnp.take(self.input_embedding, tokens, axis=0).astype(dtype)
+        # sqrt(d) is rounded to the activation dtype first, as both references do (55.5 in bf16
+        # for d=3072).
+        return x * jnp.asarray(self.embed_dim**0.5, dtype=jnp.float32).astype(dtype)
+
+    def decode(self, x: Array) -> Array:
+        """Float32 logits [b, t, v] over the real vocabulary (padding rows never scored)."""
+        return unembed(self.input_embedding, x, self.vocab_size)
+
+
+def unembed(embedding: Array, x: Array, vocab_size: int) -> Array:
+    """Project hidden states [..., d] to float32 logits [..., v] with the tied embedding."""
+    table = embedding[:vocab_size].astype(x.dtype)
+    return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+
+
+class FeedForward(nn.Module):
+    """GeGLU: (gelu_tanh(x W0) * x W1) W2. Index 0 of the gating weight is the GELU branch."""
+
+    embed_dim: int
+    hidden_dim: int
+    param_dtype: str = "float32"
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Apply the MLP to [b, t, d]."""
+        d, f = self.embed_dim, self.hidden_dim
+        gating = partitioned_param(
+            self,
+            "gating_einsum",
+            nn.initializers.normal(stddev=0.02),
+            (2, d, f),
+            (None, "embed", "mlp"),
+            self.param_dtype,
+        )
+        linear = partitioned_param(
+            self,
+            "linear",
+            nn.initializers.normal(stddev=0.02),
+            (f, d),
+            ("mlp", "embed"),
+            self.param_dtype,
+        )
+        gate = jnp.einsum("btd,cdf->cbtf", x, gating.astype(x.dtype))  # [2, b, t, f]
+        gate = nn.with_logical_constraint(gate, (None, "act_batch", "act_length", "act_mlp"))
+        # The tanh approximation of GELU: exact erf differs by ~1e-3 on the logits.
+        hidden = jax.nn.gelu(gate[0], approximate=True) * gate[1]
+        return jnp.einsum("btf,fd->btd", hidden, linear.astype(x.dtype))
