@@ -23,7 +23,10 @@ from posttrain.models.config import ModelConfig
 Params = dict[str, Any]
 
 _MODEL_TYPES = {"gemma": "gemma1", "gemma2": "gemma2"}
-_ARCHITECTURES = {"gemma1": ("gemma", "GemmaForCausalLM"), "gemma2": ("gemma2", "Gemma2ForCausalLM")}
+_ARCHITECTURES = {
+    "gemma1": ("gemma", "GemmaForCausalLM"),
+    "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+}
 _TANH_GELUS = ("gelu_pytorch_tanh", "gelu_tanh", "gelu")  # old Gemma 1 configs said "gelu"
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 
@@ -41,6 +44,10 @@ def config_from_hf(hf_config: dict[str, Any], dtype: str | None = None) -> Model
             f"{sorted(_MODEL_TYPES)}"
         )
     family = _MODEL_TYPES[model_type]
+    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size")
+    missing = [key for key in (*required, "vocab_size") if key not in hf_config]
+    if missing:
+        raise CheckpointError(f"config.json lacks required fields {missing}")
     activation = hf_config.get("hidden_activation") or hf_config.get("hidden_act")
     if activation is not None and activation not in _TANH_GELUS:
         raise CheckpointError(f"config.json activation {activation!r} is not Gemma's tanh GELU")
@@ -72,14 +79,22 @@ def config_from_hf(hf_config: dict[str, Any], dtype: str | None = None) -> Model
         fields.update(
             query_pre_attn_scalar=hf_config.get("query_pre_attn_scalar"),
             sliding_window=hf_config.get("sliding_window"),
-            attention_pattern=tuple(
-                "local" if kind == "sliding_attention" else "global" for kind in layer_types
+            attention_pattern=_shortest_period(
+                tuple("local" if kind == "sliding_attention" else "global" for kind in layer_types)
             ),
             attn_logit_softcap=hf_config.get("attn_logit_softcapping"),
             final_logit_softcap=hf_config.get("final_logit_softcapping"),
             use_post_norms=True,
         )
     return ModelConfig(**fields)
+
+
+def _shortest_period(pattern: tuple[str, ...]) -> tuple[str, ...]:
+    """The shortest prefix whose repetition gives `pattern` (local, global, ... -> 2 items)."""
+    for size in range(1, len(pattern) + 1):
+        if all(kind == pattern[i % size] for i, kind in enumerate(pattern)):
+            return pattern[:size]
+    return pattern
 
 
 def config_to_hf(config: ModelConfig, dtype: str) -> dict[str, Any]:
@@ -185,7 +200,9 @@ def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) 
     if "lm_head.weight" in tensors:
         head = tensors.pop("lm_head.weight")
         if not np.array_equal(head, tensors.get("model.embed_tokens.weight")):
-            raise CheckpointError("lm_head.weight differs from model.embed_tokens.weight (Gemma ties them)")
+            raise CheckpointError(
+                "lm_head.weight differs from model.embed_tokens.weight (Gemma ties them)"
+            )
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
@@ -228,9 +245,7 @@ def params_from_hf_tensors(config: ModelConfig, tensors: dict[str, np.ndarray]) 
         layer: Params = {
             "attn": attn,
             "mlp": {
-                "gating_einsum": np.stack(
-                    [t["mlp.gate_proj.weight"].T, t["mlp.up_proj.weight"].T]
-                ),
+                "gating_einsum": np.stack([t["mlp.gate_proj.weight"].T, t["mlp.up_proj.weight"].T]),
                 "linear": t["mlp.down_proj.weight"].T,
             },
         }
@@ -275,9 +290,7 @@ def params_to_hf_tensors(config: ModelConfig, params: Params, dtype: str) -> dic
     return {name: np.ascontiguousarray(a, dtype=np_dtype) for name, a in out.items()}
 
 
-def load_hf(
-    directory: str | Path, dtype: str | None = None
-) -> tuple[ModelConfig, Params]:
+def load_hf(directory: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Params]:
     """Load a Hugging Face Gemma / Gemma 2 directory into (config, params)."""
     directory = Path(directory)
     config_path = directory / "config.json"

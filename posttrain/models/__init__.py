@@ -2,6 +2,7 @@
 
 from posttrain.models.cache import DecodeCache, init_cache
 from posttrain.models.config import PRESETS, ModelConfig, get_preset
+from posttrain.models.model import Model
 from posttrain.models.transformer import (
     Transformer,
     abstract_params,
@@ -17,6 +18,7 @@ from posttrain.models.transformer import (
 __all__ = [
     "PRESETS",
     "DecodeCache",
+    "Model",
     "ModelConfig",
     "Transformer",
     "abstract_params",

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from posttrain.models.config import AttentionType, ModelConfig
 from posttrain.models.layers import Einsum, apply_rope, soft_cap
+from posttrain.sharding import constrain
 
 Array = jax.Array
 
@@ -95,9 +96,11 @@ class Attention(nn.Module):
             query = Einsum((n, d, h), ("heads", "embed", "head_dim"), pdt, name="q_einsum")(
                 "btd,ndh->btnh", x
             )
-            kv = Einsum((2, k, d, h), (None, "kv_heads", "embed", "head_dim"), pdt, name="kv_einsum")
+            kv = Einsum(
+                (2, k, d, h), (None, "kv_heads", "embed", "head_dim"), pdt, name="kv_einsum"
+            )
             key, value = kv("btd,ckdh->cbtkh", x)
-        query = nn.with_logical_constraint(query, ("act_batch", "act_length", "act_heads", None))
+        query = constrain(query, ("act_batch", "act_length", "act_heads", None))
 
         query = apply_rope(query, positions, cfg.rope_base)
         key = apply_rope(key, positions, cfg.rope_base)
@@ -125,7 +128,7 @@ class Attention(nn.Module):
             out_cache = LayerCache(attended_keys, attended_values)
 
         encoded = _attend(query, attended_keys, attended_values, mask, cfg.attn_logit_softcap)
-        encoded = nn.with_logical_constraint(encoded, ("act_batch", "act_length", "act_heads", None))
+        encoded = constrain(encoded, ("act_batch", "act_length", "act_heads", None))
         out = Einsum((n, h, d), ("heads", "head_dim", "embed"), pdt, name="attn_vec_einsum")(
             "btnh,nhd->btd", encoded
         )

@@ -34,7 +34,9 @@ def slot_count(config: ModelConfig, attn_type: AttentionType, cache_size: int) -
     return cache_size
 
 
-def init_cache(config: ModelConfig, batch: int, cache_size: int, dtype: str | None = None) -> DecodeCache:
+def init_cache(
+    config: ModelConfig, batch: int, cache_size: int, dtype: str | None = None
+) -> DecodeCache:
     """An empty cache for `batch` rows and up to `cache_size` tokens."""
     dtype = dtype or config.dtype
     k, h = config.num_kv_heads, config.head_dim

@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from posttrain.sharding import constrain
+
 Array = jax.Array
 Initializer = Callable[..., Array]
 
@@ -98,7 +100,8 @@ class Embedder(nn.Module):
         self.input_embedding = partitioned_param(
             self,
             "input_embedding",
-            nn.initializers.normal(stddev=1.0),
+            # Unit-variance logits at init: the tied output sums d terms of the normalised state.
+            nn.initializers.normal(stddev=self.embed_dim**-0.5),
             (self.num_embed, self.embed_dim),
             ("vocab", "embed"),
             self.param_dtype,
@@ -150,7 +153,7 @@ class FeedForward(nn.Module):
             self.param_dtype,
         )
         gate = jnp.einsum("btd,cdf->cbtf", x, gating.astype(x.dtype))  # [2, b, t, f]
-        gate = nn.with_logical_constraint(gate, (None, "act_batch", "act_length", "act_mlp"))
+        gate = constrain(gate, (None, "act_batch", "act_length", "act_mlp"))
         # The tanh approximation of GELU: exact erf differs by ~1e-3 on the logits.
         hidden = jax.nn.gelu(gate[0], approximate=True) * gate[1]
         return jnp.einsum("btf,fd->btd", hidden, linear.astype(x.dtype))

@@ -17,6 +17,7 @@ from posttrain.models.attention import Attention, LayerCache
 from posttrain.models.cache import DecodeCache, cache_from_prefill, write_positions
 from posttrain.models.config import AttentionType, ModelConfig
 from posttrain.models.layers import Embedder, FeedForward, RMSNorm, soft_cap, unembed
+from posttrain.sharding import constrain
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -53,7 +54,7 @@ class Block(nn.Module):
         if cfg.use_post_norms:
             mlp_out = RMSNorm(**norm, name="post_ffw_norm")(mlp_out)
         x = x + mlp_out
-        return nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed")), kv
+        return constrain(x, ("act_batch", "act_length", "act_embed")), kv
 
 
 class TransformerOutput(NamedTuple):
@@ -94,7 +95,7 @@ class Transformer(nn.Module):
             cfg.num_embed, cfg.vocab_size, cfg.embed_dim, cfg.param_dtype, name="embedder"
         )
         x = embedder.encode(tokens, cfg.dtype)
-        x = nn.with_logical_constraint(x, ("act_batch", "act_length", "act_embed"))
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
         if cache is not None:
             cache = write_positions(cache, positions)

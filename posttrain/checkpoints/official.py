@@ -1,0 +1,146 @@
+"""The official Gemma Flax/Orbax parameter tree (google-deepmind/gemma): load and write.
+
+On disk it is an Orbax PyTree whose keys are '/'-joined module paths
+(`transformer/layer_0/attn/q_einsum` -> {'w': ...}). Our tree is the same graph without the
+`transformer/` prefix, with the MLP weights as bare arrays and the gating weight always in the
+[2, d, f] layout; Gemma 2 9B/27B store it as [2, f, d] (`transpose_gating_einsum`). Embedding
+tables keep their 128 TPU padding rows (256128), recorded as `embed_padding`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from posttrain.checkpoints.huggingface import CheckpointError
+from posttrain.models.config import ModelConfig
+from posttrain.models.transformer import abstract_params
+
+Params = dict[str, Any]
+
+
+def _nest(flat: dict[str, Any]) -> Params:
+    """{'a/b': {'w': x}} -> {'a': {'b': {'w': x}}}."""
+    tree: Params = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split("/")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def _flatten(tree: Params, prefix: str = "") -> dict[str, Any]:
+    """Inverse of `_nest` down to dicts of arrays ({'a/b': {'w': x}})."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        path = f"{prefix}/{key}" if prefix else key
+        if isinstance(value, dict) and any(isinstance(v, dict) for v in value.values()):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def params_from_official(tree: Params, config: ModelConfig) -> tuple[ModelConfig, Params]:
+    """Convert an official tree (flat '/'-keyed or nested) into (config, our params).
+
+    The returned config has `embed_padding` set from the checkpoint's embedding rows.
+    """
+    if any("/" in key for key in tree):
+        tree = _nest(tree)
+    tree = tree.get("transformer", tree)
+    d, f = config.embed_dim, config.hidden_dim
+    try:
+        rows = np.shape(tree["embedder"]["input_embedding"])[0]
+    except KeyError as error:
+        raise CheckpointError(
+            "official tree has no transformer/embedder/input_embedding"
+        ) from error
+    if rows < config.vocab_size:
+        raise CheckpointError(
+            f"embedder/input_embedding has {rows} rows, fewer than vocab_size={config.vocab_size}"
+        )
+    config = config.replace(embed_padding=rows - config.vocab_size)
+
+    params: Params = {}
+    for name, node in tree.items():
+        if name.startswith("layer_") and "mlp" in node:
+            mlp = {
+                k: (v["w"] if isinstance(v, dict) and "w" in v else v)
+                for k, v in node["mlp"].items()
+            }
+            gating = mlp.get("gating_einsum")
+            # [2, f, d] is the transposed layout of Gemma 2 9B/27B; d == f would be ambiguous.
+            if gating is not None and np.shape(gating) == (2, f, d) and d != f:
+                mlp["gating_einsum"] = np.swapaxes(np.asarray(gating), 1, 2)
+            node = {**node, "mlp": mlp}
+        params[name] = node
+    _check_tree(params, config)
+    return config, params
+
+
+def _check_tree(params: Params, config: ModelConfig) -> None:
+    """Fail naming the first missing, unexpected or mis-shaped tensor."""
+    expected = jax.tree_util.tree_flatten_with_path(abstract_params(config))[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    expected_paths = {path for path, _ in expected}
+    for path, leaf in expected:
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        if path not in got:
+            raise CheckpointError(f"official checkpoint is missing {name}")
+        if tuple(np.shape(got[path])) != tuple(leaf.shape):
+            raise CheckpointError(
+                f"official tensor {name} has shape {tuple(np.shape(got[path]))}, "
+                f"expected {tuple(leaf.shape)}"
+            )
+    for path in got:
+        if path not in expected_paths:
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            raise CheckpointError(f"official checkpoint has unexpected tensor {name}")
+
+
+def params_to_official(
+    params: Params, config: ModelConfig, transpose_gating: bool = False
+) -> dict[str, dict[str, np.ndarray]]:
+    """Our params as the official flat tree ('transformer/...': {'w' | 'scale' | ...})."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for path, node in _flatten(jax.tree.map(np.asarray, params)).items():
+        key = f"transformer/{path}"
+        if path.endswith("/mlp"):
+            gating = node["gating_einsum"]
+            if transpose_gating:
+                gating = np.swapaxes(gating, 1, 2)
+            out[f"{key}/gating_einsum"] = {"w": gating}
+            out[f"{key}/linear"] = {"w": node["linear"]}
+        else:
+            out[key] = node
+    return out
+
+
+def load_official(path: str | Path, config: ModelConfig) -> tuple[ModelConfig, Params]:
+    """Restore an official Orbax checkpoint directory for a model of `config`'s shape."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    if not path.exists():
+        raise CheckpointError(f"official checkpoint {path} not found")
+    # Restore as numpy on the host: nothing is placed on a device until the caller shards it.
+    restored = ocp.PyTreeCheckpointer().restore(path)
+    restored = jax.tree.map(np.asarray, restored)
+    return params_from_official(restored, config)
+
+
+def save_official(
+    params: Params, config: ModelConfig, path: str | Path, transpose_gating: bool = False
+) -> Path:
+    """Write our params as an official-layout Orbax checkpoint."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    ocp.PyTreeCheckpointer().save(path, params_to_official(params, config, transpose_gating))
+    return path

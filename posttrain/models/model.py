@@ -1,0 +1,39 @@
+"""A config and its parameters bundled into a callable: token ids [b, t] -> logits [b, t, v]."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from posttrain.models.config import ModelConfig
+from posttrain.models.transformer import forward
+
+Params = dict[str, Any]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_forward(
+    config: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None
+) -> jax.Array:
+    return forward(config, params, tokens, None, segment_ids)
+
+
+@dataclasses.dataclass
+class Model:
+    """A Gemma model ready to score tokens; `params` is a plain tree usable with `forward`."""
+
+    config: ModelConfig
+    params: Params
+
+    def __call__(self, tokens: Any, segment_ids: Any | None = None) -> jax.Array:
+        """Float32 logits [b, t, v] for int token ids [b, t] (segment id 0 marks padding)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")
+        if segment_ids is not None:
+            segment_ids = jnp.asarray(segment_ids, jnp.int32)
+        return _jit_forward(self.config, self.params, tokens, segment_ids)

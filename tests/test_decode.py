@@ -1,0 +1,102 @@
+"""Prefill + single-step decode equals the full forward, past the sliding window and with left
+padding; local layers keep only `window` cache slots."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from posttrain.models import (
+    decode_step,
+    forward,
+    get_preset,
+    init_params,
+    positions_from_segments,
+    prefill,
+)
+
+CONFIG = get_preset("tiny_gemma2", sliding_window=6, query_pre_attn_scalar=24)
+GEMMA1 = get_preset("tiny_gemma1")
+_prefill = jax.jit(prefill, static_argnums=(0, 4))
+_step = jax.jit(decode_step, static_argnums=0)
+_forward = jax.jit(forward, static_argnums=0)
+# Float32 logits of magnitude ~15: allow a few ulps of relative rounding on top of 1e-5.
+TOLERANCE = dict(atol=1e-5, rtol=1e-6)
+
+
+@pytest.fixture(scope="module", params=["gemma2", "gemma1"])
+def model(request):
+    config = CONFIG if request.param == "gemma2" else GEMMA1
+    params = init_params(config, jax.random.key(1))
+    # Non-zero norm scales so that every norm is exercised.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, x: (
+            x + 0.3 * jax.random.normal(jax.random.key(len(str(path))), x.shape)
+            if "norm" in jax.tree_util.keystr(path)
+            else x
+        ),
+        params,
+    )
+    return config, params
+
+
+def _decode_all(config, params, tokens, segment_ids, prompt_length, cache_size):
+    """Prefill the first `prompt_length` tokens, then feed the rest one at a time."""
+    positions = positions_from_segments(segment_ids)
+    logits, cache = _prefill(
+        config, params, tokens[:, :prompt_length], segment_ids[:, :prompt_length], cache_size
+    )
+    outputs = [logits]
+    for t in range(prompt_length, tokens.shape[1]):
+        logits, cache = _step(config, params, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
+        outputs.append(logits)
+    return jnp.concatenate(outputs, axis=1), cache
+
+
+def test_decode_matches_forward_past_the_window(model):
+    config, params = model
+    tokens = jax.random.randint(jax.random.key(2), (2, 20), 3, config.vocab_size)
+    segment_ids = jnp.ones_like(tokens)
+    expected = _forward(config, params, tokens)
+    got, cache = _decode_all(config, params, tokens, segment_ids, prompt_length=4, cache_size=24)
+    np.testing.assert_allclose(got, expected, **TOLERANCE)
+    assert int(cache.index) == 20
+
+
+def test_prefill_longer_than_window_then_decode(model):
+    config, params = model
+    tokens = jax.random.randint(jax.random.key(3), (2, 22), 3, config.vocab_size)
+    segment_ids = jnp.ones_like(tokens)
+    expected = _forward(config, params, tokens)
+    got, _ = _decode_all(config, params, tokens, segment_ids, prompt_length=15, cache_size=22)
+    np.testing.assert_allclose(got, expected, **TOLERANCE)
+
+
+def test_left_padding_decode_matches_unpadded_rows(model):
+    config, params = model
+    rng = np.random.default_rng(4)
+    lengths, total, prompt = [17, 11], 17, 9
+    rows = [rng.integers(3, config.vocab_size, size=n) for n in lengths]
+    tokens = np.zeros((2, total), np.int32)
+    segment_ids = np.zeros((2, total), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, total - len(row) :] = row
+        segment_ids[i, total - len(row) :] = 1
+    got, _ = _decode_all(
+        config, params, jnp.asarray(tokens), jnp.asarray(segment_ids), prompt, cache_size=total
+    )
+    for i, row in enumerate(rows):
+        alone = _forward(config, params, jnp.asarray(row)[None])
+        np.testing.assert_allclose(got[i, total - len(row) :], alone[0], **TOLERANCE)
+
+
+def test_local_cache_is_window_sized():
+    config = CONFIG
+    params = init_params(config, jax.random.key(0))
+    tokens = jnp.ones((3, 10), jnp.int32)
+    _, cache = prefill(config, params, tokens, jnp.ones_like(tokens), cache_size=100)
+    window, kv, head = config.sliding_window, config.num_kv_heads, config.head_dim
+    for attn_type, layer in zip(config.layer_types, cache.layers, strict=True):
+        slots = window if attn_type == "local" else 100
+        assert layer.keys.shape == layer.values.shape == (3, slots, kv, head)
+    assert cache.local_positions.shape == (3, window)
