@@ -161,7 +161,7 @@ def test_hf_untied_lm_head_is_rejected(tmp_path):
         t["lm_head.weight"] = t["model.embed_tokens.weight"] + 1.0
 
     _tamper(tmp_path, change)
-    with pytest.raises(CheckpointError, match="lm_head.weight"):
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight"):
         load_hf(tmp_path)
 
 
