@@ -117,6 +117,7 @@ class Transformer(nn.Module):
         logits = None
         if compute_logits:
             logits = soft_cap(embedder.decode(hidden), cfg.final_logit_softcap)
+            logits = constrain(logits, ("act_batch", "act_length", "act_vocab"))
         if cache is not None:
             new_cache = cache._replace(layers=tuple(keys_values), index=cache.index + 1)
             return TransformerOutput(logits, hidden, new_cache)

@@ -1,0 +1,1 @@
+"""Data: synthetic corpora the project generates itself (more loaders arrive with SFT)."""

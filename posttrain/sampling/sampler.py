@@ -1,0 +1,191 @@
+"""Batched KV-cache sampling: prefill once, then a decode loop compiled once.
+
+The loop is a `lax.while_loop` that stops as soon as every row has emitted a stop token.
+Temperature, top-k and top-p are traced arrays, so changing them never recompiles; prompts are
+left-padded to a bucketed length so that a new prompt length rarely does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posttrain.models import ModelConfig, decode_step, prefill
+from posttrain.sampling.processors import process_logits, token_log_probs
+
+Array = jax.Array
+Params = dict[str, Any]
+
+PAD_ID = 0
+DEFAULT_STOP_IDS = (1, 107)  # Gemma <eos>, <end_of_turn>
+MIN_BUCKET = 16
+
+# Incremented each time the decode loop is traced: tests count compilations with it.
+trace_count = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How to sample. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop_ids: tuple[int, ...] = DEFAULT_STOP_IDS
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+class SampleOutput(NamedTuple):
+    """Generated tokens and their log-probabilities; positions after a row's end hold 0."""
+
+    tokens: Array  # [b, max_new_tokens]
+    policy_log_probs: Array  # [b, max_new_tokens] under the sampling policy (0 when greedy)
+    model_log_probs: Array  # [b, max_new_tokens] under the unmodified model, float32
+    lengths: Array  # [b] generated tokens, the stop token included
+    finished: Array  # [b] True where a stop token was emitted
+
+
+def bucket_length(length: int) -> int:
+    """Prompt lengths are padded up to a power of two (at least 16) to reuse compilations."""
+    return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad prompts to `length`: (tokens [b, length], segment ids with 0 on padding)."""
+    tokens = np.full((len(prompts), length), PAD_ID, np.int32)
+    segments = np.zeros((len(prompts), length), np.int32)
+    for row, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"prompt {row} is empty")
+        if len(prompt) > length:
+            raise ValueError(f"prompt {row} has {len(prompt)} tokens, more than {length}")
+        tokens[row, length - len(prompt) :] = prompt
+        segments[row, length - len(prompt) :] = 1
+    return tokens, segments
+
+
+class _LoopState(NamedTuple):
+    step: Array
+    cache: Any
+    logits: Array  # [b, v] logits for the token about to be chosen
+    positions: Array  # [b] position of that token
+    tokens: Array
+    policy_log_probs: Array
+    model_log_probs: Array
+    finished: Array
+    lengths: Array
+    rng: Array
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "stop_ids"))
+def generate(
+    config: ModelConfig,
+    params: Params,
+    prompt_tokens: Array,
+    prompt_segments: Array,
+    rng: Array,
+    temperature: Array,
+    top_k: Array,
+    top_p: Array,
+    *,
+    max_new_tokens: int,
+    stop_ids: tuple[int, ...],
+) -> SampleOutput:
+    """Sample up to `max_new_tokens` after left-padded prompts [b, t] (segment 0 = padding)."""
+    global trace_count
+    trace_count += 1
+    batch, prompt_length = prompt_tokens.shape
+    logits, cache = prefill(
+        config, params, prompt_tokens, prompt_segments, prompt_length + max_new_tokens
+    )
+    stop = jnp.asarray(stop_ids, jnp.int32)
+    zeros = jnp.zeros((batch, max_new_tokens), jnp.float32)
+    state = _LoopState(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        logits=logits[:, -1],
+        positions=jnp.sum(prompt_segments > 0, axis=1).astype(jnp.int32),
+        tokens=jnp.zeros((batch, max_new_tokens), jnp.int32),
+        policy_log_probs=zeros,
+        model_log_probs=zeros,
+        finished=jnp.zeros((batch,), bool),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        rng=rng,
+    )
+
+    def keep_going(s: _LoopState) -> Array:
+        return (s.step < max_new_tokens) & ~jnp.all(s.finished)
+
+    def one_token(s: _LoopState) -> _LoopState:
+        rng, key = jax.random.split(s.rng)
+        processed = process_logits(s.logits, temperature, top_k, top_p)
+        sampled = jax.random.categorical(key, processed, axis=-1)
+        greedy = temperature <= 0
+        token = jnp.where(greedy, jnp.argmax(s.logits, axis=-1), sampled).astype(jnp.int32)
+        token = jnp.where(s.finished, PAD_ID, token)
+        active = ~s.finished
+        model_lp = jnp.where(active, token_log_probs(s.logits, token), 0.0)
+        policy_lp = jnp.where(active & ~greedy, token_log_probs(processed, token), 0.0)
+        finished = s.finished | jnp.any(token[:, None] == stop[None, :], axis=-1)
+        next_logits, cache = decode_step(
+            config, params, token[:, None], s.positions[:, None], s.cache
+        )
+        return _LoopState(
+            step=s.step + 1,
+            cache=cache,
+            logits=next_logits[:, 0],
+            positions=s.positions + 1,
+            tokens=s.tokens.at[:, s.step].set(token),
+            policy_log_probs=s.policy_log_probs.at[:, s.step].set(policy_lp),
+            model_log_probs=s.model_log_probs.at[:, s.step].set(model_lp),
+            finished=finished,
+            lengths=s.lengths + active.astype(jnp.int32),
+            rng=rng,
+        )
+
+    final = jax.lax.while_loop(keep_going, one_token, state)
+    return SampleOutput(
+        final.tokens, final.policy_log_probs, final.model_log_probs, final.lengths, final.finished
+    )
+
+
+def sample(
+    config: ModelConfig,
+    params: Params,
+    prompts: Sequence[Sequence[int]],
+    sampling: SamplingConfig = SamplingConfig(),
+    rng: Array | None = None,
+) -> SampleOutput:
+    """Sample continuations of token-id prompts of any lengths (one batch)."""
+    tokens, segments = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
+    if rng is None:
+        rng = jax.random.key(sampling.seed)
+    return generate(
+        config,
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(segments),
+        rng,
+        jnp.asarray(sampling.temperature, jnp.float32),
+        jnp.asarray(sampling.top_k, jnp.int32),
+        jnp.asarray(sampling.top_p, jnp.float32),
+        max_new_tokens=sampling.max_new_tokens,
+        stop_ids=tuple(sampling.stop_ids),
+    )
