@@ -1,6 +1,6 @@
 """Gemma 1 / Gemma 2 backbone: configuration, presets, the decoder and its decoding cache."""
 
-from posttrain.models.cache import DecodeCache, init_cache
+from posttrain.models.cache import DecodeCache, init_cache, select_rows
 from posttrain.models.config import PRESETS, ModelConfig, get_preset
 from posttrain.models.model import Model
 from posttrain.models.transformer import (
@@ -31,4 +31,5 @@ __all__ = [
     "param_logical_axes",
     "positions_from_segments",
     "prefill",
+    "select_rows",
 ]

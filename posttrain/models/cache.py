@@ -108,3 +108,13 @@ def write_positions(cache: DecodeCache, positions: Array) -> DecodeCache:
             axis=1,
         )
     return cache._replace(global_positions=global_positions, local_positions=local_positions)
+
+
+def select_rows(cache: DecodeCache, rows: Array) -> DecodeCache:
+    """A cache whose row i is row `rows[i]` of this one (beam reordering, replication)."""
+    take = lambda x: jnp.take(x, rows, axis=0)  # noqa: E731
+    return cache._replace(
+        layers=tuple(LayerCache(take(layer.keys), take(layer.values)) for layer in cache.layers),
+        global_positions=take(cache.global_positions),
+        local_positions=take(cache.local_positions),
+    )
