@@ -170,10 +170,11 @@ def sample(
     config: ModelConfig,
     params: Params,
     prompts: Sequence[Sequence[int]],
-    sampling: SamplingConfig = SamplingConfig(),
+    sampling: SamplingConfig | None = None,
     rng: Array | None = None,
 ) -> SampleOutput:
     """Sample continuations of token-id prompts of any lengths (one batch)."""
+    sampling = sampling or SamplingConfig()
     tokens, segments = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
     if rng is None:
         rng = jax.random.key(sampling.seed)
