@@ -1,0 +1,21 @@
+"""Sentencepiece tokenizer with Gemma's special ids and chat format, and a trainer for tiny ones."""
+
+from posttrain.tokenizer.gemma_tokenizer import (
+    BOS_ID,
+    END_OF_TURN_ID,
+    EOS_ID,
+    PAD_ID,
+    START_OF_TURN_ID,
+    GemmaTokenizer,
+)
+from posttrain.tokenizer.train import train_tokenizer
+
+__all__ = [
+    "BOS_ID",
+    "END_OF_TURN_ID",
+    "EOS_ID",
+    "PAD_ID",
+    "START_OF_TURN_ID",
+    "GemmaTokenizer",
+    "train_tokenizer",
+]
