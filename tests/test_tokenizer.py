@@ -62,7 +62,7 @@ def test_role_mask_covers_model_answers_and_end_of_turn(tokenizer):
     messages = [*HF_EXAMPLE, {"role": "assistant", "content": "答えは 4 です。"}]
     ids, mask = tokenizer.encode_chat_with_roles(messages)
     trained = [i for i, m in zip(ids, mask, strict=True) if m]
-    answers = tokenizer.encode("Hi!") + [END_OF_TURN_ID] + tokenizer.encode("答えは 4 です。")
+    answers = [*tokenizer.encode("Hi!"), END_OF_TURN_ID, *tokenizer.encode("答えは 4 です。")]
     assert trained == [*answers, END_OF_TURN_ID]
     # The mask is contiguous per answer and never covers the newline after <end_of_turn>.
     for i, m in enumerate(mask):
@@ -81,7 +81,7 @@ def test_system_role_is_rejected_unless_merged(tokenizer):
 def test_wrong_piece_at_special_id_is_rejected(tmp_path, monkeypatch):
     # Drop <end_of_turn>: <start_of_turn> moves to 105 and id 106 holds a byte piece.
     monkeypatch.setattr(
-        train_module, "USER_SYMBOLS", train_module.USER_SYMBOLS[:-3] + ("<start_of_turn>",)
+        train_module, "USER_SYMBOLS", (*train_module.USER_SYMBOLS[:-3], "<start_of_turn>")
     )
     with pytest.raises(ValueError, match="id 106"):
         train_tokenizer(bilingual_corpus(300), tmp_path / "bad", 600)
