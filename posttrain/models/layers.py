@@ -122,7 +122,12 @@ class Embedder(nn.Module):
 def unembed(embedding: Array, x: Array, vocab_size: int) -> Array:
     """Project hidden states [..., d] to float32 logits [..., v] with the tied embedding."""
     table = embedding[:vocab_size].astype(x.dtype)
-    return jnp.einsum("...d,vd->...v", x, table, preferred_element_type=jnp.float32)
+    flat = x.reshape(-1, x.shape[-1])  # one token axis: XLA's CPU matmul fast path
+    logits = jnp.einsum("Td,vd->Tv", flat, table, preferred_element_type=jnp.float32)
+    return logits.reshape(*x.shape[:-1], vocab_size)
+
+
+_MLP_AXES = ("act_batch", "act_length", "act_mlp")
 
 
 class FeedForward(nn.Module):
@@ -152,8 +157,13 @@ class FeedForward(nn.Module):
             ("mlp", "embed"),
             self.param_dtype,
         )
-        gate = jnp.einsum("btd,cdf->cbtf", x, gating.astype(x.dtype))  # [2, b, t, f]
-        gate = constrain(gate, (None, "act_batch", "act_length", "act_mlp"))
+        # Tokens flattened to one axis and the two branches as separate plain matmuls: XLA's CPU
+        # backward of the stacked [2, b, t, f] einsum ran 2.4x slower (experiments/bench/backbone).
+        tokens = x.reshape(-1, d)  # [b*t, d]
+        gating = gating.astype(x.dtype)
+        gate = constrain((tokens @ gating[0]).reshape(*x.shape[:-1], f), _MLP_AXES)
+        up = constrain((tokens @ gating[1]).reshape(*x.shape[:-1], f), _MLP_AXES)
         # The tanh approximation of GELU: exact erf differs by ~1e-3 on the logits.
-        hidden = jax.nn.gelu(gate[0], approximate=True) * gate[1]
-        return jnp.einsum("btf,fd->btd", hidden, linear.astype(x.dtype))
+        hidden = jax.nn.gelu(gate, approximate=True) * up
+        out = hidden.reshape(-1, f) @ linear.astype(x.dtype)
+        return out.reshape(x.shape)
