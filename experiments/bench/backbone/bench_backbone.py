@@ -7,8 +7,8 @@ float32 matmul peak is measured in the same job, and each model's matmul FLOP ra
 as a fraction of it.
 
 Each side runs in its own child process of this job, one after the other: with JAX and PyTorch
-in one process their thread pools fight over the two cores (measured here: the transformers
-step took 5.8 s next to an idle JAX runtime and 1.2 s alone).
+in one process their thread pools fight over the two cores (measured here: transformers ran
+the 4-layer step at 173 tok/s next to a JAX runtime and at 5277 tok/s alone).
 
     .venv/bin/python experiments/bench/backbone/bench_backbone.py [--iters 10]
 """
