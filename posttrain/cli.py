@@ -1,0 +1,56 @@
+"""The `posttrain` command: a Hydra app that runs one stage per job.
+
+    posttrain stage=sample stage.checkpoint=DIR stage.tokenizer=TOK stage.prompts=FILE
+    posttrain -m stage=sample stage.sampling.temperature=0.3,1.0   # a sweep
+
+Hydra composes in struct mode, so a mistyped key fails before any work starts, naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+log = logging.getLogger("posttrain")
+
+
+def _stages() -> dict[str, Callable[[DictConfig], dict[str, Any]]]:
+    # Imported lazily so that `posttrain --help` and config errors never wait for JAX.
+    from posttrain.stages import sample
+
+    return {"sample": sample.run}
+
+
+def run_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Run the stage named by `cfg.stage.name`; write and return its metrics."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing required config values (set them as key=value): {missing}")
+    stages = _stages()
+    name = cfg.stage.name
+    if name not in stages:
+        raise KeyError(f"unknown stage {name!r}; known: {sorted(stages)}")
+    metrics = stages[name](cfg)
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    return metrics
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Entry point of the `posttrain` console command."""
+    log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    metrics = run_stage(cfg)
+    log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

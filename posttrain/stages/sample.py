@@ -1,0 +1,188 @@
+"""The `sample` stage: continuations of a prompt set from a checkpoint, written as JSONL.
+
+One line per sample: prompt, response, log_prob (sum over the response under the unmodified
+model), num_tokens, finished, and reward when a rule reward is named. Methods: plain sampling
+(`num_samples` per prompt), beam search (the best beam), or Best-of-N (the best of
+`num_samples` by the reward).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from posttrain.checkpoints import load_hf
+from posttrain.data.prompts import load_prompts
+from posttrain.rewards.rules import get_rule
+from posttrain.sampling import SamplingConfig, beam_search, best_of_n, sample
+from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID, GemmaTokenizer
+
+METHODS = ("sample", "beam", "best_of_n")
+
+
+def prompt_text(prompt: Any) -> str:
+    """The user-visible text of a prompt (the last user turn of a chat)."""
+    if isinstance(prompt, str):
+        return prompt
+    user_turns = [turn["content"] for turn in prompt if turn["role"] == "user"]
+    return user_turns[-1] if user_turns else ""
+
+
+def encode_prompt(tokenizer: GemmaTokenizer, prompt: Any, chat: bool) -> list[int]:
+    """Token ids of a prompt: chat-formatted with a generation header, or raw after <bos>."""
+    if isinstance(prompt, str):
+        if not chat:
+            return tokenizer.encode(prompt, add_bos=True)
+        prompt = [{"role": "user", "content": prompt}]
+    return tokenizer.encode_chat(prompt, add_generation_prompt=True)
+
+
+def _check(stage: DictConfig) -> None:
+    if stage.method not in METHODS:
+        raise ValueError(f"stage.method={stage.method!r}; expected one of {METHODS}")
+    if stage.method == "best_of_n" and stage.reward is None:
+        raise ValueError("stage.method=best_of_n needs stage.reward (a rule reward name)")
+    if stage.batch_size < 1 or stage.num_samples < 1:
+        raise ValueError("stage.batch_size and stage.num_samples must be >= 1")
+    if stage.reward is not None:
+        get_rule(stage.reward)  # fails now, naming the known rules, not after sampling
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the stage; returns its metrics."""
+    stage = cfg.stage
+    _check(stage)
+    settings = SamplingConfig(
+        max_new_tokens=stage.sampling.max_new_tokens,
+        temperature=stage.sampling.temperature,
+        top_k=stage.sampling.top_k,
+        top_p=stage.sampling.top_p,
+        stop_ids=(EOS_ID, END_OF_TURN_ID),
+        seed=stage.sampling.seed,
+    )
+    tokenizer = GemmaTokenizer(stage.tokenizer)
+    prompts = load_prompts(stage.prompts, stage.prompt_column, stage.split)
+    config, params = load_hf(stage.checkpoint)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} pieces but the model only {config.vocab_size}"
+        )
+    rule = get_rule(stage.reward) if stage.reward is not None else None
+
+    output = Path(stage.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_suffix(output.suffix + ".tmp")
+    rows_written, generated_tokens, rewards, log_probs = 0, 0, [], []
+    started = time.perf_counter()
+    with tmp.open("w", encoding="utf-8") as sink, tqdm(total=len(prompts), desc="sample") as bar:
+        for start in range(0, len(prompts), stage.batch_size):
+            batch = prompts[start : start + stage.batch_size]
+            ids = [encode_prompt(tokenizer, prompt, stage.chat) for prompt in batch]
+            # One random stream per batch, reproducible from the seed and the batch position.
+            rng = jax.random.fold_in(jax.random.key(settings.seed), start)
+            rows = _generate(stage, config, params, tokenizer, batch, ids, settings, rule, rng)
+            for row in rows:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+                generated_tokens += row["num_tokens"]
+                log_probs.append(row["log_prob"])
+                if "reward" in row:
+                    rewards.append(row["reward"])
+            rows_written += len(rows)
+            bar.update(len(batch))
+            bar.set_postfix(tok_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
+    tmp.replace(output)  # the output appears whole or not at all
+    seconds = time.perf_counter() - started
+    metrics = dict(
+        num_prompts=len(prompts),
+        num_rows=rows_written,
+        generated_tokens=generated_tokens,
+        tokens_per_second=generated_tokens / seconds,
+        mean_log_prob=float(np.mean(log_probs)),
+        output=str(output),
+    )
+    if rewards:
+        metrics["mean_reward"] = float(np.mean(rewards))
+    return metrics
+
+
+def _generate(
+    stage: DictConfig,
+    config,
+    params,
+    tokenizer: GemmaTokenizer,
+    prompts: Sequence[Any],
+    ids: list[list[int]],
+    settings: SamplingConfig,
+    rule,
+    rng: jax.Array,
+) -> list[dict[str, Any]]:
+    """One batch of prompts -> output rows."""
+    texts = [prompt_text(prompt) for prompt in prompts]
+
+    def row(index: int, tokens: np.ndarray, length: int, log_prob: float, finished: bool) -> dict:
+        response_ids = [int(t) for t in tokens[:length] if int(t) not in (EOS_ID, END_OF_TURN_ID)]
+        response = tokenizer.decode(response_ids)
+        out = dict(
+            prompt=texts[index],
+            response=response,
+            log_prob=float(log_prob),
+            num_tokens=int(length),
+            finished=bool(finished),
+        )
+        if rule is not None:
+            out["reward"] = rule(texts[index], response)
+        return out
+
+    if stage.method == "beam":
+        beams = beam_search(
+            config,
+            params,
+            ids,
+            width=stage.beam_width,
+            max_new_tokens=settings.max_new_tokens,
+            alpha=stage.length_penalty,
+            stop_ids=settings.stop_ids,
+        )
+        tokens, lengths = np.asarray(beams.tokens[:, 0]), np.asarray(beams.lengths[:, 0])
+        stops = np.isin(tokens[np.arange(len(ids)), np.maximum(lengths - 1, 0)], settings.stop_ids)
+        return [
+            row(i, tokens[i], lengths[i], float(beams.log_probs[i, 0]), stops[i])
+            for i in range(len(ids))
+        ]
+
+    if stage.method == "best_of_n":
+        prompt_of = {tuple(p): texts[i] for i, p in enumerate(ids)}
+
+        def reward_fn(prompt_ids, responses):
+            return [
+                rule(prompt_of[tuple(p)], tokenizer.decode(r))
+                for p, r in zip(prompt_ids, responses, strict=True)
+            ]
+
+        pool = best_of_n(config, params, ids, stage.num_samples, reward_fn, settings, rng)
+        rows = []
+        for i in range(len(ids)):
+            best = pool.best_index[i]
+            length = int(pool.pool_lengths[i, best])
+            finished = length > 0 and int(pool.best_tokens[i, length - 1]) in settings.stop_ids
+            rows.append(
+                row(i, pool.best_tokens[i], length, pool.pool_model_log_probs[i, best], finished)
+            )
+        return rows
+
+    repeated = [p for p in ids for _ in range(stage.num_samples)]
+    out = sample(config, params, repeated, settings, rng)
+    tokens, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+    totals = np.asarray(out.model_log_probs).sum(-1)
+    return [
+        row(j // stage.num_samples, tokens[j], lengths[j], totals[j], bool(out.finished[j]))
+        for j in range(len(repeated))
+    ]
