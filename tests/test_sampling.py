@@ -137,3 +137,25 @@ def test_invalid_settings_are_rejected():
         SamplingConfig(top_p=0.0)
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=-1.0)
+
+
+def _sorted_reference(logits, k, p):
+    """Top-k then top-p by a full sort (numpy float64 masses), the textbook way."""
+    out = np.full_like(logits, -np.inf)
+    for row, values in enumerate(logits):
+        order = np.argsort(-values, kind="stable")
+        keep = order[: k if 0 < k < values.size else values.size]
+        probs = np.exp(values[keep] - values[keep].max())
+        probs /= probs.sum()
+        before = np.cumsum(probs) - probs
+        keep = keep[before < p]
+        threshold = values[keep].min()
+        out[row] = np.where(values >= threshold, values, -np.inf)
+    return out
+
+
+@pytest.mark.parametrize(("k", "p"), [(0, 0.9), (5, 1.0), (7, 0.6), (0, 0.05), (300, 0.999)])
+def test_bisection_filters_equal_a_full_sort(k, p):
+    logits = np.asarray(jax.random.normal(jax.random.key(k), (6, 257)) * 3, np.float32)
+    got = np.asarray(process_logits(jnp.asarray(logits), 1.0, k, p))
+    np.testing.assert_array_equal(np.isfinite(got), np.isfinite(_sorted_reference(logits, k, p)))
