@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format clean
+.PHONY: demo test lint format clean bench-env
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,3 +31,11 @@ format: $(BIN)/.installed
 
 clean:
 	rm -rf $(VENV)
+
+# Benchmarks against Google's Tunix need google-tunix, whose pins differ from the test extra's.
+bench-env: .venv-bench/.installed
+.venv-bench/.installed: pyproject.toml
+	$(PYTHON) -m venv .venv-bench
+	.venv-bench/bin/pip install -q torch==2.13.0
+	.venv-bench/bin/pip install -q -e . google-tunix==0.1.7
+	touch $@

@@ -229,8 +229,8 @@ def main() -> None:
             sides = ("posttrain",) if batch == 64 else tuple(WORKERS)
             rate = {s: measure(s, batch, new_tokens, Path(directory), args.iters) for s in sides}
             rows.append((batch, new_tokens, rate))
-    fmt = lambda r: "failed" if r is None else f"{r:.0f}"  # noqa: E731
-    ratio = lambda a, b: "—" if a is None or b is None else f"**{a / b:.2f}x**"  # noqa: E731
+    fmt = lambda r: "not run" if r == "skip" else ("failed" if r is None else f"{r:.0f}")  # noqa: E731
+    ratio = lambda a, b: "—" if a in (None, "skip") or b in (None, "skip") else f"**{a / b:.2f}x**"  # noqa: E731
     lines = [
         f"## {datetime.date.today().isoformat()} — CPU, float32, `{SHAPE}`, 32-token prompts",
         "",
@@ -245,13 +245,13 @@ def main() -> None:
     for batch, new_tokens, rate in rows:
         ours = rate["posttrain"]
         lines.append(
-            f"| {batch} | {new_tokens} | {fmt(ours)} | {fmt(rate.get('tunix'))} | "
-            f"{fmt(rate.get('transformers'))} | {ratio(ours, rate.get('tunix'))} | "
-            f"{ratio(ours, rate.get('transformers'))} |"
+            f"| {batch} | {new_tokens} | {fmt(ours)} | {fmt(rate.get('tunix', 'skip'))} | "
+            f"{fmt(rate.get('transformers', 'skip'))} | {ratio(ours, rate.get('tunix', 'skip'))} | "
+            f"{ratio(ours, rate.get('transformers', 'skip'))} |"
         )
     b8 = next(r["posttrain"] for b, n, r in rows if (b, n) == (8, 64))
     b64 = next(r["posttrain"] for b, n, r in rows if (b, n) == (64, 64))
-    lines += ["", f"- posttrain B=64 / B=8 tokens/s (64 new tokens): **{ratio(b64, b8)}**"]
+    lines += ["", f"- posttrain B=64 / B=8 tokens/s (64 new tokens): {ratio(b64, b8)}"]
     section = "\n".join(lines) + "\n"
     print(section)
     if not args.no_write:
