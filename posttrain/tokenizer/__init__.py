@@ -4,9 +4,12 @@ from posttrain.tokenizer.gemma_tokenizer import (
     BOS_ID,
     END_OF_TURN_ID,
     EOS_ID,
+    MASK_ID,
     PAD_ID,
     START_OF_TURN_ID,
+    UNK_ID,
     GemmaTokenizer,
+    check_special_pieces,
 )
 from posttrain.tokenizer.train import train_tokenizer
 
@@ -14,8 +17,11 @@ __all__ = [
     "BOS_ID",
     "END_OF_TURN_ID",
     "EOS_ID",
+    "MASK_ID",
     "PAD_ID",
     "START_OF_TURN_ID",
+    "UNK_ID",
     "GemmaTokenizer",
+    "check_special_pieces",
     "train_tokenizer",
 ]
