@@ -1,0 +1,93 @@
+"""Token log-probabilities from hidden states, with the vocabulary projected in chunks.
+
+A 256k-vocabulary model would otherwise materialise float32 logits of [tokens, 256000] (and
+keep them for the backward pass). Here the vocabulary is swept in chunks with a running
+log-sum-exp; each chunk's logits are recomputed in the backward pass (`jax.checkpoint`), so
+peak memory is O(tokens x chunk). Log-softmax is float32 throughout: bf16 log-probs of large
+vocabularies are too coarse for the KL estimates of RL.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from posttrain.models import ModelConfig, Transformer
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+def chunked_token_log_probs(
+    hidden: Array,
+    embedding: Array,
+    targets: Array,
+    vocab_size: int,
+    softcap: float | None = None,
+    chunk_size: int = 8192,
+) -> Array:
+    """log softmax(cap(hidden @ E[:v].T))[target] for hidden [n, d], targets [n] -> [n] float32."""
+    chunks = -(-vocab_size // chunk_size)
+    padded_vocab = chunks * chunk_size
+    table = embedding[:vocab_size].astype(hidden.dtype)
+    if padded_vocab > vocab_size:
+        table = jnp.pad(table, ((0, padded_vocab - vocab_size), (0, 0)))
+    table = table.reshape(chunks, chunk_size, -1)  # [c, k, d]
+    rows = hidden.shape[0]
+
+    @jax.checkpoint  # keep only the running statistics; recompute each chunk's logits
+    def sweep(carry: tuple[Array, Array, Array], chunk: tuple[Array, Array]):
+        running_max, running_sum, target_logit = carry
+        weights, start = chunk
+        logits = jnp.einsum("nd,kd->nk", hidden, weights, preferred_element_type=jnp.float32)
+        if softcap is not None:
+            logits = softcap * jnp.tanh(logits / softcap)
+        column = start + jnp.arange(chunk_size)
+        logits = jnp.where(column[None, :] < vocab_size, logits, -jnp.inf)
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
+            jnp.exp(logits - new_max[:, None]), axis=-1
+        )
+        hit = column[None, :] == targets[:, None]
+        target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+        return (new_max, running_sum, target_logit), None
+
+    init = (
+        jnp.full((rows,), -jnp.inf, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    starts = jnp.arange(chunks) * chunk_size
+    (running_max, running_sum, target_logit), _ = jax.lax.scan(sweep, init, (table, starts))
+    return target_logit - (running_max + jnp.log(running_sum))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
+def sequence_token_log_probs(
+    config: ModelConfig,
+    params: Params,
+    inputs: Array,
+    targets: Array,
+    segment_ids: Array | None = None,
+    chunk_size: int = 8192,
+) -> Array:
+    """log p(targets[:, i] | inputs[:, :i+1]) for inputs and targets [b, t] -> [b, t] float32.
+
+    For next-token prediction pass inputs = tokens[:, :-1] and targets = tokens[:, 1:].
+    """
+    out = Transformer(config).apply(
+        {"params": params}, inputs, None, segment_ids, compute_logits=False
+    )
+    b, t, d = out.hidden.shape
+    log_probs = chunked_token_log_probs(
+        out.hidden.reshape(b * t, d),
+        params["embedder"]["input_embedding"],
+        targets.reshape(-1),
+        config.vocab_size,
+        config.final_logit_softcap,
+        min(chunk_size, config.vocab_size),
+    )
+    return log_probs.reshape(b, t)
