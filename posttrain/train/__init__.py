@@ -1,0 +1,1 @@
+"""Training machinery shared by every stage: optimizers, the train step, checkpoints."""
