@@ -52,3 +52,21 @@ def bilingual_corpus(num_lines: int, seed: int = 0) -> list[str]:
         prompt, reply = make(rng, language)
         lines.append(f"{prompt}\n{reply}")
     return lines
+
+
+def reversal_rows(
+    num_rows: int, seed: int = 0, min_digits: int = 3, max_digits: int = 6
+) -> list[dict]:
+    """Prompt/response rows of a checkable task: reverse a digit string, asked in EN or JA."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_rows):
+        digits = " ".join(
+            str(rng.randrange(10)) for _ in range(rng.randint(min_digits, max_digits))
+        )
+        if rng.random() < 0.5:
+            prompt = f"Reverse the digits: {digits}"
+        else:
+            prompt = f"数字を逆順にしてください: {digits}"
+        rows.append({"prompt": prompt, "response": " ".join(reversed(digits.split()))})
+    return rows
