@@ -23,13 +23,17 @@ log = logging.getLogger("posttrain")
 
 def _stages() -> dict[str, Callable[[DictConfig], dict[str, Any]]]:
     # Imported lazily so that `posttrain --help` and config errors never wait for JAX.
-    from posttrain.stages import sample, sft
+    from posttrain.stages import sample, sft, synthetic
 
-    return {"sample": sample.run, "sft": sft.run}
+    return {"sample": sample.run, "sft": sft.run, "synthetic": synthetic.run}
 
 
 # The config groups each stage reads; only their required (???) values must be set.
-STAGE_GROUPS = {"sample": ("stage",), "sft": ("stage", "data", "model", "optim", "logger")}
+STAGE_GROUPS = {
+    "sample": ("stage",),
+    "sft": ("stage", "data", "model", "optim", "logger"),
+    "synthetic": ("stage",),
+}
 
 
 def run_stage(cfg: DictConfig) -> dict[str, Any]:
@@ -55,9 +59,36 @@ def main(cfg: DictConfig) -> None:
     import absl.logging
 
     absl.logging.set_verbosity("warning")  # Orbax narrates every save at INFO
+    if cfg.recipe:
+        run_recipe(cfg)
+        return
     log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     metrics = run_stage(cfg)
     log.info("metrics: %s", json.dumps(metrics, sort_keys=True))
+
+
+def run_recipe(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """Run the stages of `cfg.recipe` in `cfg.pipeline_dir` (default runs/pipelines/<name>)."""
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from posttrain.pipeline import load_recipe, run_pipeline
+
+    recipe = load_recipe(cfg.recipe)
+    pipeline_dir = cfg.pipeline_dir or f"runs/pipelines/{recipe['name']}"
+    # Command-line overrides other than the recipe's own keys apply to every stage.
+    extra = [
+        o
+        for o in HydraConfig.get().overrides.task
+        if not o.startswith(("recipe=", "pipeline_dir="))
+    ]
+    return run_pipeline(
+        cfg.recipe,
+        pipeline_dir,
+        extra,
+        lambda overrides: compose(config_name="config", overrides=overrides),
+        run_stage,
+    )
 
 
 if __name__ == "__main__":

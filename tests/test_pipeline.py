@@ -1,0 +1,62 @@
+"""Recipes: validation, and the tiny SFT pipeline end to end (exact match, skip on rerun)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.pipeline import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_is_valid(recipe):
+    loaded = load_recipe(recipe)
+    assert loaded["stages"]
+    assert recipe.read_text().startswith("#")  # recipes open with their goal and metric
+
+
+def test_recipe_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"name": "x", "stages": [{"name": "a", "type": "sft", "overides": []}]})
+    )
+    with pytest.raises(ValueError, match="overides"):
+        load_recipe(bad)
+    bad.write_text(
+        yaml.safe_dump(
+            {"name": "x", "stages": [{"name": "a", "type": "sft", "inputs": {"stage.x": "b.out"}}]}
+        )
+    )
+    with pytest.raises(ValueError, match="names no earlier stage"):
+        load_recipe(bad)
+
+
+def _run_recipe(pipeline_dir: Path) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "posttrain.cli",
+        f"recipe={ROOT / 'recipes' / 'tiny_sft.yaml'}",
+    ]
+    command += [f"pipeline_dir={pipeline_dir}", "logger=disabled"]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    return subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+
+
+@pytest.mark.slow
+def test_tiny_sft_pipeline_reaches_exact_match_and_skips_on_rerun(tmp_path):
+    first = _run_recipe(tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sft = json.loads((tmp_path / "sft" / "metrics.json").read_text())
+    assert sft["eval_exact_match"] >= 0.99
+    samples = (tmp_path / "sample" / "samples.jsonl").read_text("utf-8").splitlines()
+    assert len(samples) == 200
+    again = _run_recipe(tmp_path)
+    assert again.returncode == 0
+    assert again.stdout.count("finished earlier, skipped") == 3
