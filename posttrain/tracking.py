@@ -42,7 +42,7 @@ class Tracker:
             config=config,
             group=group,
             name=name,
-            settings=wandb.Settings(start_method="thread", console="off"),
+            settings=wandb.Settings(console="off"),
         )
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
