@@ -25,5 +25,5 @@ def test_disabled_writes_nothing(tmp_path):
 
 
 def test_unknown_mode_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="logger.mode"):
+    with pytest.raises(ValueError, match=r"logger\.mode"):
         Tracker("offlin", "p", tmp_path, {})
