@@ -30,28 +30,28 @@ def chunked_token_log_probs(
     chunk_size: int = 8192,
 ) -> Array:
     """log softmax(cap(hidden @ E[:v].T))[target] for hidden [n, d], targets [n] -> [n] float32."""
+    chunk_size = min(chunk_size, vocab_size)
     chunks = -(-vocab_size // chunk_size)
-    padded_vocab = chunks * chunk_size
-    table = embedding[:vocab_size].astype(hidden.dtype)
-    if padded_vocab > vocab_size:
-        table = jnp.pad(table, ((0, padded_vocab - vocab_size), (0, 0)))
-    table = table.reshape(chunks, chunk_size, -1)  # [c, k, d]
     rows = hidden.shape[0]
 
     @jax.checkpoint  # keep only the running statistics; recompute each chunk's logits
-    def sweep(carry: tuple[Array, Array, Array], chunk: tuple[Array, Array]):
+    def sweep(carry: tuple[Array, Array, Array], nominal_start: Array):
         running_max, running_sum, target_logit = carry
-        weights, start = chunk
+        # Slice the table in place (no padded copy of a 256k x d embedding); the last chunk is
+        # shifted back to fit and its columns already seen are masked out.
+        start = jnp.minimum(nominal_start, vocab_size - chunk_size)
+        weights = jax.lax.dynamic_slice_in_dim(embedding, start, chunk_size).astype(hidden.dtype)
         logits = jnp.einsum("nd,kd->nk", hidden, weights, preferred_element_type=jnp.float32)
         if softcap is not None:
             logits = softcap * jnp.tanh(logits / softcap)
         column = start + jnp.arange(chunk_size)
-        logits = jnp.where(column[None, :] < vocab_size, logits, -jnp.inf)
+        fresh = column[None, :] >= nominal_start
+        logits = jnp.where(fresh, logits, -jnp.inf)
         new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.sum(
             jnp.exp(logits - new_max[:, None]), axis=-1
         )
-        hit = column[None, :] == targets[:, None]
+        hit = fresh & (column[None, :] == targets[:, None])
         target_logit = target_logit + jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
         return (new_max, running_sum, target_logit), None
 
@@ -61,7 +61,7 @@ def chunked_token_log_probs(
         jnp.zeros((rows,), jnp.float32),
     )
     starts = jnp.arange(chunks) * chunk_size
-    (running_max, running_sum, target_logit), _ = jax.lax.scan(sweep, init, (table, starts))
+    (running_max, running_sum, target_logit), _ = jax.lax.scan(sweep, init, starts)
     return target_logit - (running_max + jnp.log(running_sum))
 
 
