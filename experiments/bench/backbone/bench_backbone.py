@@ -20,11 +20,9 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,24 +32,15 @@ import numpy as np
 import torch
 import transformers
 
+# Scripts run by path: make `experiments.bench.common` importable from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from experiments.bench.common import median_seconds, prepend_results
 from posttrain.checkpoints import save_hf
 from posttrain.models import ModelConfig, abstract_params, forward, get_preset, init_params
 
 BATCH, LENGTH = 8, 128
 SHAPES = ("bench_gemma2_4l", "bench_gemma2_30m")
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def median_seconds(step: Callable[[], object], iters: int, warmup: int = 2) -> float:
-    """Median wall time of `step` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def matmul_peak_gflops(iters: int) -> tuple[float, int]:
@@ -230,9 +219,7 @@ def main() -> None:
     section = report(run(args.shapes, args.iters), peak, peak_size, args.iters)
     print(section)
     if not args.no_write:
-        header = "# Backbone throughput: posttrain vs transformers\n\n"
-        previous = RESULTS.read_text().removeprefix(header) if RESULTS.exists() else ""
-        RESULTS.write_text(header + section + ("\n" + previous if previous else ""))
+        prepend_results(RESULTS, "# Backbone throughput: posttrain vs transformers\n\n", section)
 
 
 if __name__ == "__main__":

@@ -17,31 +17,20 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+# Scripts run by path: make `experiments.bench.common` importable from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from experiments.bench.common import median_seconds, prepend_results, tunix_gemma
+
 SHAPE = "bench_gemma2_4l"
 PROMPT_LENGTH = 32
 RESULTS = Path(__file__).with_name("RESULTS.md")
-
-
-def median_seconds(run: Callable[[], object], iters: int, warmup: int = 1) -> float:
-    """Median wall time of `run` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def prompts(batch: int, vocab: int) -> np.ndarray:
@@ -101,34 +90,12 @@ class _IdTokenizer:
 
 def tunix_worker(batch: int, new_tokens: int, directory: Path, iters: int) -> float:
     """Seconds per call of Tunix's sampler on a Tunix Gemma of the same shape."""
-    from flax import nnx
     from tunix.generate import sampler as tunix_sampler
-    from tunix.models.gemma import model as tunix_gemma
 
     from posttrain.checkpoints import load_hf
 
     config, _ = load_hf(directory)
-    types = tunix_gemma.AttentionType
-    model = tunix_gemma.Gemma(
-        tunix_gemma.ModelConfig(
-            num_layers=config.num_layers,
-            num_embed=config.vocab_size,
-            embed_dim=config.embed_dim,
-            hidden_dim=config.hidden_dim,
-            num_heads=config.num_heads,
-            head_dim=config.head_dim,
-            num_kv_heads=config.num_kv_heads,
-            final_logit_softcap=config.final_logit_softcap,
-            use_post_attn_norm=True,
-            use_post_ffw_norm=True,
-            attention_types=tuple(
-                types.LOCAL_SLIDING if t == "local" else types.GLOBAL for t in config.layer_types
-            ),
-            attn_logits_soft_cap=config.attn_logit_softcap,
-            sliding_window_size=config.sliding_window,
-        ),
-        rngs=nnx.Rngs(0),
-    )
+    model = tunix_gemma(config)
     cache = tunix_sampler.CacheConfig(
         cache_size=2 * (PROMPT_LENGTH + new_tokens),  # Tunix pads prompts to a bucket
         num_layers=config.num_layers,
@@ -255,9 +222,9 @@ def main() -> None:
     section = "\n".join(lines) + "\n"
     print(section)
     if not args.no_write:
-        header = "# Sampling throughput: posttrain vs Tunix vs transformers\n\n"
-        previous = RESULTS.read_text().removeprefix(header) if RESULTS.exists() else ""
-        RESULTS.write_text(header + section + ("\n" + previous if previous else ""))
+        prepend_results(
+            RESULTS, "# Sampling throughput: posttrain vs Tunix vs transformers\n\n", section
+        )
 
 
 if __name__ == "__main__":

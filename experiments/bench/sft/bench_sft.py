@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+# Scripts run by path: make `experiments.bench.common` importable from the repository root.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from experiments.bench.common import prepend_results, tunix_gemma
+
 BATCH, LENGTH, WARM, TIMED = 8, 128, 3, 10
 SHAPES = ("bench_gemma2_4l", "bench_gemma2_30m")
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -64,34 +68,13 @@ def tunix_worker(shape: str, steps: int, directory: Path) -> float:
     import jax
     import optax
     from flax import nnx
-    from tunix.models.gemma import model as tunix_gemma
     from tunix.sft import peft_trainer
     from tunix.sft import utils as sft_utils
 
     from posttrain.models import get_preset
 
     config = get_preset(shape)
-    types = tunix_gemma.AttentionType
-    model = tunix_gemma.Gemma(
-        tunix_gemma.ModelConfig(
-            num_layers=config.num_layers,
-            num_embed=config.vocab_size,
-            embed_dim=config.embed_dim,
-            hidden_dim=config.hidden_dim,
-            num_heads=config.num_heads,
-            head_dim=config.head_dim,
-            num_kv_heads=config.num_kv_heads,
-            final_logit_softcap=config.final_logit_softcap,
-            use_post_attn_norm=True,
-            use_post_ffw_norm=True,
-            attention_types=tuple(
-                types.LOCAL_SLIDING if t == "local" else types.GLOBAL for t in config.layer_types
-            ),
-            attn_logits_soft_cap=config.attn_logit_softcap,
-            sliding_window_size=config.sliding_window,
-        ),
-        rngs=nnx.Rngs(0),
-    )
+    model = tunix_gemma(config)
     tokens, mask = rows(config.vocab_size, BATCH)
     data = [peft_trainer.TrainingInput(input_tokens=tokens, input_mask=mask)] * steps
 
@@ -221,9 +204,7 @@ def main() -> None:
     section = "\n".join(lines) + "\n"
     print(section)
     if not args.no_write:
-        header = "# SFT throughput: posttrain vs Tunix vs TRL\n\n"
-        previous = RESULTS.read_text().removeprefix(header) if RESULTS.exists() else ""
-        RESULTS.write_text(header + section + ("\n" + previous if previous else ""))
+        prepend_results(RESULTS, "# SFT throughput: posttrain vs Tunix vs TRL\n\n", section)
 
 
 if __name__ == "__main__":

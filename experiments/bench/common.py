@@ -1,0 +1,55 @@
+"""Pieces the benchmark scripts share: timing, results files, the Tunix Gemma of a config."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def median_seconds(run: Callable[[], object], iters: int, warmup: int = 1) -> float:
+    """Median wall time of `run` after `warmup` untimed calls."""
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prepend_results(path: Path, header: str, section: str) -> None:
+    """Write `section` under `header` at the top of a results file, keeping earlier runs."""
+    previous = path.read_text().removeprefix(header) if path.exists() else ""
+    path.write_text(header + section + ("\n" + previous if previous else ""))
+
+
+def tunix_gemma(config: Any) -> Any:
+    """A randomly initialised Tunix Gemma 2 with the shape of a posttrain ModelConfig."""
+    from flax import nnx
+    from tunix.models.gemma import model as tunix_model
+
+    types = tunix_model.AttentionType
+    return tunix_model.Gemma(
+        tunix_model.ModelConfig(
+            num_layers=config.num_layers,
+            num_embed=config.vocab_size,
+            embed_dim=config.embed_dim,
+            hidden_dim=config.hidden_dim,
+            num_heads=config.num_heads,
+            head_dim=config.head_dim,
+            num_kv_heads=config.num_kv_heads,
+            final_logit_softcap=config.final_logit_softcap,
+            use_post_attn_norm=config.use_post_norms,
+            use_post_ffw_norm=config.use_post_norms,
+            attention_types=tuple(
+                types.LOCAL_SLIDING if t == "local" else types.GLOBAL for t in config.layer_types
+            ),
+            attn_logits_soft_cap=config.attn_logit_softcap,
+            sliding_window_size=config.sliding_window,
+        ),
+        rngs=nnx.Rngs(0),
+    )
