@@ -153,3 +153,18 @@ def initialize_distributed(
     if coordinator_address is None or jax.distributed.is_initialized():
         return
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+def shard_params(params: Any, logical_axes: Any, mesh: Mesh) -> Any:
+    """Place a parameter tree on the mesh by its logical axes."""
+    return jax.device_put(params, tree_shardings(logical_axes, params, mesh))
+
+
+def shard_batch(batch: Any, mesh: Mesh) -> Any:
+    """Place [b, ...] arrays with the batch axis over (data, fsdp), the rest replicated."""
+
+    def put(x: Any) -> Any:
+        names = ("act_batch",) + (None,) * (np.ndim(x) - 1)
+        return jax.device_put(x, NamedSharding(mesh, logical_to_spec(names, np.shape(x), mesh)))
+
+    return jax.tree.map(put, batch)

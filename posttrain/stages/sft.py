@@ -21,8 +21,16 @@ from posttrain.checkpoints import load_hf, save_hf
 from posttrain.data.prompts import load_rows
 from posttrain.data.sft import BatchIterator, DataConfig, Rows, build_examples, to_rows
 from posttrain.losses import masked_nll_sum, sequence_token_log_probs
-from posttrain.models import ModelConfig, abstract_params, init_params
+from posttrain.models import ModelConfig, abstract_params, init_params, param_logical_axes
 from posttrain.sampling import SamplingConfig, sample
+from posttrain.sharding import (
+    MeshConfig,
+    activation_sharding,
+    initialize_distributed,
+    make_mesh,
+    shard_batch,
+    shard_params,
+)
 from posttrain.tokenizer import GemmaTokenizer
 from posttrain.tracking import Tracker
 from posttrain.train.checkpointing import Checkpointer
@@ -147,9 +155,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
 
+    initialize_distributed(cfg.get("coordinator"))
+    mesh = make_mesh(MeshConfig(**OmegaConf.to_container(cfg.mesh)))
+    params = shard_params(params, param_logical_axes(config), mesh)
     optimizer = make_optimizer(optim)
     loss_terms = sft_loss_terms(config, stage.chunk_size)
-    step_fn = make_train_step(loss_terms, optimizer, stage.micro_batches)
+    jitted_step = make_train_step(loss_terms, optimizer, stage.micro_batches)
+
+    def step_fn(state, rows):
+        with activation_sharding(mesh):
+            return jitted_step(state, shard_batch(rows, mesh))
+
     tracker = Tracker(
         cfg.logger.mode,
         cfg.logger.project,
