@@ -110,3 +110,17 @@ def test_dry_run_allocates_nothing_and_reports(workdir, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = json.loads((tmp_path / "dry" / "metrics.json").read_text())
     assert metrics["parameters"] == 917_962_752 + 8_324_201_984
+
+
+@pytest.mark.slow
+def test_sweep_makes_one_comparable_run_per_value(workdir, tmp_path):
+    cmd = command(workdir, tmp_path / "unused", "stage.steps=6", "stage.save_every=0")
+    cmd = [c for c in cmd if not c.startswith("hydra.run.dir")]
+    cmd = [*cmd[:3], "-m", *cmd[3:], "optim.lr=0.001,0.01", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert [p.parent.name for p in runs] == ["0", "1"]
+    assert [json.loads(p.read_text())["steps"] for p in runs] == [6, 6]
+    configs = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in runs]
+    assert "optim.lr=0.001" in configs[0] and "optim.lr=0.01" in configs[1]
