@@ -53,6 +53,7 @@ class SFTConfig:
     eval_batches: int = 4
     exact_match_examples: int = 64  # greedy-decoded held-out prompts (prompt/response data)
     max_new_tokens: int = 32
+    sample_every: int = 100  # log a table of greedy answers to held-out prompts every N steps
     chunk_size: int = 8192  # vocabulary chunk of the cross-entropy
 
 
@@ -177,7 +178,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=stage.keep_checkpoints)
     bar = tqdm(total=stage.steps, desc="sft")
 
-    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+    sample_rows = [r for r in eval_rows if "prompt" in r and "response" in r][:8]
+
+    def on_metrics(step: int, metrics: dict[str, float], state) -> None:
+        if stage.sample_every and sample_rows and step % stage.sample_every == 0:
+            match, table = exact_match(
+                config, state.params, tokenizer, sample_rows, stage.max_new_tokens
+            )
+            metrics["sample_exact_match"] = match
+            tracker.log_table("train/samples", ["prompt", "answer", "expected"], table, step)
         bar.n = step
         bar.set_postfix(
             loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens'] / metrics['seconds']:.0f}"

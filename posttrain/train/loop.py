@@ -62,7 +62,7 @@ def run_training(
     checkpointer: Checkpointer,
     total_steps: int,
     save_every: int,
-    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
+    on_metrics: Callable[[int, dict[str, float], TrainState], None] | None = None,
     skip_nonfinite: bool = False,
 ) -> LoopResult:
     """Train until `total_steps` optimizer steps (counting resumed ones)."""
@@ -90,7 +90,7 @@ def run_training(
             metrics["seconds"] = time.perf_counter() - started
             metrics["skipped_nonfinite"] = skipped
             if on_metrics is not None:
-                on_metrics(int(state.step), metrics)
+                on_metrics(int(state.step), metrics, state)
             step = int(state.step)
             if stop.requested:
                 interrupted = True
