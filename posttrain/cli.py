@@ -23,9 +23,9 @@ log = logging.getLogger("posttrain")
 
 def _stages() -> dict[str, Callable[[DictConfig], dict[str, Any]]]:
     # Imported lazily so that `posttrain --help` and config errors never wait for JAX.
-    from posttrain.stages import sample, sft, synthetic
+    from posttrain.stages import reward, sample, sft, synthetic
 
-    return {"sample": sample.run, "sft": sft.run, "synthetic": synthetic.run}
+    return {"sample": sample.run, "sft": sft.run, "synthetic": synthetic.run, "reward": reward.run}
 
 
 # The config groups each stage reads; only their required (???) values must be set.
@@ -33,6 +33,7 @@ STAGE_GROUPS = {
     "sample": ("stage",),
     "sft": ("stage", "data", "model", "optim", "logger"),
     "synthetic": ("stage",),
+    "reward": ("stage", "optim", "logger"),
 }
 
 
