@@ -173,24 +173,27 @@ def to_rows(examples: Sequence[Example], length: int, packing: bool) -> Rows:
 
 
 class BatchIterator:
-    """Endless batches of rows in a seeded order, reshuffled every epoch; resumable."""
+    """Endless batches of rows in a seeded order, reshuffled every epoch; resumable.
 
-    def __init__(self, rows: Rows, batch_size: int, seed: int) -> None:
-        if len(rows.tokens) < batch_size:
-            raise DataError(f"{len(rows.tokens)} rows cannot fill a batch of {batch_size}")
+    `rows` is any NamedTuple of arrays with a common first axis (SFT rows, preference pairs).
+    """
+
+    def __init__(self, rows: Any, batch_size: int, seed: int) -> None:
+        if len(rows[0]) < batch_size:
+            raise DataError(f"{len(rows[0])} rows cannot fill a batch of {batch_size}")
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.index = 0, 0
 
     def _order(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows.tokens))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows[0]))
 
-    def __next__(self) -> Rows:
-        """The next batch [batch_size, L] of each array."""
-        if self.index + self.batch_size > len(self.rows.tokens):  # drop the ragged tail
+    def __next__(self) -> Any:
+        """The next batch [batch_size, ...] of each array."""
+        if self.index + self.batch_size > len(self.rows[0]):  # drop the ragged tail
             self.epoch, self.index = self.epoch + 1, 0
         picked = self._order()[self.index : self.index + self.batch_size]
         self.index += self.batch_size
-        return Rows(*(array[picked] for array in self.rows))
+        return type(self.rows)(*(array[picked] for array in self.rows))
 
     def __iter__(self) -> BatchIterator:
         return self

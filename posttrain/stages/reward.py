@@ -23,6 +23,7 @@ from tqdm import tqdm
 from posttrain.checkpoints import load_hf, save_hf
 from posttrain.data.preferences import PreferenceRows, build_preferences
 from posttrain.data.prompts import load_rows
+from posttrain.data.sft import BatchIterator
 from posttrain.losses.bradley_terry import bradley_terry_loss, preference_metrics
 from posttrain.rewards.reward_model import (
     fit_linear_probe,
@@ -83,28 +84,6 @@ def score_pairs(
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
-class PairBatches:
-    """Seeded, resumable batches of preference pairs."""
-
-    def __init__(self, rows: PreferenceRows, batch_size: int, seed: int) -> None:
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.epoch = self.index = 0
-
-    def __next__(self) -> PreferenceRows:
-        if self.index + self.batch_size > len(self.rows.chosen):
-            self.epoch, self.index = self.epoch + 1, 0
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows.chosen))
-        picked = order[self.index : self.index + self.batch_size]
-        self.index += self.batch_size
-        return PreferenceRows(*(a[picked] for a in self.rows))
-
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
-
-    def restore(self, state: dict[str, int]) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train the reward model; returns its metrics."""
     stage = RewardConfig(
@@ -151,7 +130,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = run_training(
         init_state(params, optimizer, stage.seed),
         step_fn,
-        PairBatches(train_rows, stage.batch_size, stage.seed),
+        BatchIterator(train_rows, stage.batch_size, stage.seed),
         checkpointer,
         stage.steps,
         stage.save_every,
