@@ -51,7 +51,9 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     metrics = stages[name](cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    # metrics.json marks a finished stage (recipes skip it); an interrupted one must resume.
+    name = "interrupted.json" if metrics.get("interrupted") else "metrics.json"
+    (run_dir / name).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     return metrics
 
 

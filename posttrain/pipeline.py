@@ -85,4 +85,7 @@ def run_pipeline(
         overrides += extra_overrides
         print(f"[pipeline] {stage['name']} ({stage['type']}) in {stage_dir}")
         outputs[stage["name"]] = run_stage(compose(overrides))
+        if outputs[stage["name"]].get("interrupted"):
+            print(f"[pipeline] {stage['name']}: interrupted; run the recipe again to resume")
+            break
     return outputs

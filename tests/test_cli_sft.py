@@ -88,7 +88,9 @@ def test_sigterm_saves_and_exits_cleanly(workdir):
     wait_for_checkpoint(run_dir, 10, process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=120) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    # Not metrics.json: that marks a finished stage, which a recipe would skip instead of resume.
+    assert not (run_dir / "metrics.json").exists()
+    metrics = json.loads((run_dir / "interrupted.json").read_text())
     assert metrics["interrupted"] is True
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == metrics["steps"] >= 10

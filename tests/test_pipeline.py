@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from posttrain.pipeline import load_recipe
+from posttrain.cli import run_stage
+from posttrain.pipeline import load_recipe, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,48 @@ def test_recipe_errors_name_the_problem(tmp_path):
     )
     with pytest.raises(ValueError, match="names no earlier stage"):
         load_recipe(bad)
+
+
+def test_an_interrupted_stage_is_resumed_not_skipped(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "two",
+                "stages": [
+                    {"name": "first", "type": "synthetic"},
+                    {"name": "second", "type": "synthetic", "inputs": {"stage.seed": "first.n"}},
+                ],
+            }
+        )
+    )
+    calls = []
+    interrupt = {"first": True}
+
+    def fake_stage(cfg):
+        name = Path(cfg.run_dir).name
+        calls.append(name)
+        return {"n": 1, "interrupted": interrupt.pop(name, False)}
+
+    monkeypatch.setattr("posttrain.cli._stages", lambda: {"synthetic": fake_stage})
+
+    def compose(overrides):
+        values = dict(o.split("=", 1) for o in overrides)
+        return OmegaConf.create(
+            {"stage": {"name": "synthetic"}, "run_dir": values["run_dir"], "dry_run": False}
+        )
+
+    run_pipeline(recipe, tmp_path / "p", [], compose, run_stage)
+    assert calls == ["first"]  # the pipeline stops at the interrupted stage
+    assert (tmp_path / "p" / "first" / "interrupted.json").exists()
+    assert not (tmp_path / "p" / "first" / "metrics.json").exists()
+    outputs = run_pipeline(recipe, tmp_path / "p", [], compose, run_stage)
+    assert calls == ["first", "first", "second"]  # resumed, then carried on
+    assert outputs["second"] == {"n": 1, "interrupted": False}
+    run_pipeline(recipe, tmp_path / "p", [], compose, run_stage)
+    assert calls == ["first", "first", "second"]  # both finished: skipped
 
 
 def _run_recipe(pipeline_dir: Path) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""The reward stage: preference rows, malformed pairs named, language pairs learned."""
+"""The reward stage: preference rows (flat or chat, typed, preambles), malformed pairs named,
+per-type metrics, reward-model files, language pairs learned."""
 
 import json
 import os
@@ -6,14 +7,19 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import save_file
 
-from posttrain.checkpoints import save_hf
+from posttrain.checkpoints import load_hf, save_hf
 from posttrain.data.preferences import build_preferences, encode_for_reward
 from posttrain.data.prompts import DataError
-from posttrain.data.synthetic import bilingual_corpus, language_contrast_rows
+from posttrain.data.synthetic import bilingual_corpus
+from posttrain.data.synthetic_preferences import DEFAULT_MIX, PAIR_TYPES, preference_rows
 from posttrain.models import get_preset, init_params
+from posttrain.rewards.reward_model import load_reward_model, reward_scores, save_reward_model
+from posttrain.stages.reward import pair_metrics
 from posttrain.tokenizer import END_OF_TURN_ID, GemmaTokenizer, train_tokenizer
 
 
@@ -24,8 +30,8 @@ def assets(tmp_path_factory):
     config = get_preset("tiny_gemma2", vocab_size=tokenizer.vocab_size)
     save_hf(config, init_params(config, jax.random.key(0)), root / "sft")
     for name, rows in (
-        ("train", language_contrast_rows(300, 0)),
-        ("eval", language_contrast_rows(100, 1)),
+        ("train", preference_rows(300, 0, {"language": 1.0})),
+        ("eval", preference_rows(100, 1, {"language": 1.0})),
     ):
         (root / f"{name}.jsonl").write_text(
             "\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
@@ -74,3 +80,89 @@ def test_reward_stage_learns_language_pairs(assets, tmp_path):
     assert metrics["train_accuracy"] >= 0.95 and metrics["eval_accuracy"] >= 0.9
     assert (tmp_path / "reward_model" / "head.safetensors").exists()
     assert np.isfinite(metrics["eval_reward_std"])
+
+
+def _script(text: str) -> str:
+    return "ja" if any("\u3040" <= c <= "\u30ff" for c in text) else "en"
+
+
+def test_synthetic_pairs_by_type():
+    rows = preference_rows(2000, seed=3)
+    counts = {t: sum(r["pair_type"] == t for r in rows) for t in PAIR_TYPES}
+    for pair_type, fraction in DEFAULT_MIX.items():
+        assert abs(counts[pair_type] / len(rows) - fraction) < 0.03, (pair_type, counts)
+    for row in rows:
+        prompt_language = _script(row["prompt"].replace("英語で答えてください。", ""))
+        chosen, rejected = _script(row["chosen"]), _script(row["rejected"])
+        if row["pair_type"] == "language":
+            assert chosen == prompt_language != rejected, row
+        elif row["pair_type"] == "override":
+            assert chosen != prompt_language == rejected, row
+        else:
+            assert chosen == rejected == prompt_language and row["chosen"] != row["rejected"]
+        assert ("preamble" in row) == (row["pair_type"] == "consistency")
+    assert preference_rows(50, seed=3) == preference_rows(50, seed=3)
+    english = preference_rows(1000, seed=1, mix={"ordinary": 1.0}, english_fraction=0.95)
+    assert sum(_script(r["prompt"]) == "en" for r in english) > 900
+    with pytest.raises(ValueError, match="unknown pair types"):
+        preference_rows(5, mix={"langauge": 1.0})
+
+
+def test_chat_message_rows_and_row_preambles(assets):
+    _, tokenizer = assets
+    flat = {"prompt": "こんにちは", "chosen": "はい", "rejected": "Yes"}
+    chat = {
+        "chosen": [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "はい"}],
+        "rejected": [{"role": "user", "content": "こんにちは"}, {"role": "assistant", "content": "Yes"}],
+    }  # fmt: skip
+    a, _ = build_preferences([flat], tokenizer, 64, "p")
+    b, _ = build_preferences([chat], tokenizer, 64, "p")
+    np.testing.assert_array_equal(a.chosen, b.chosen)
+    np.testing.assert_array_equal(a.rejected, b.rejected)
+    bad = {**chat, "rejected": [{"role": "user", "content": "別"}, *chat["rejected"][1:]]}
+    with pytest.raises(DataError, match=r"p: row 0: 'chosen' and 'rejected' differ"):
+        build_preferences([bad], tokenizer, 64, "p")
+    with pytest.raises(DataError, match=r"p: row 0: 'chosen' must end with"):
+        build_preferences([{**chat, "chosen": chat["chosen"][:1]}], tokenizer, 64, "p")
+    # A row's preamble overrides the stage's; null means the stage's, "" means none.
+    rows = [flat, {**flat, "preamble": None}, {**flat, "preamble": ""}, {**flat, "preamble": "Q"}]
+    built, stats = build_preferences(rows, tokenizer, 96, "p", preamble="Judge the language.")
+    texts = [
+        tokenizer.decode(list(r[s > 0]))
+        for r, s in zip(built.chosen, built.chosen_segments, strict=True)
+    ]
+    assert "Judge the language." in texts[0] and texts[0] == texts[1]
+    assert texts[2] == tokenizer.decode(list(a.chosen[0][a.chosen_segments[0] > 0]))
+    assert "Q" in texts[3] and "Judge" not in texts[3]
+    assert stats.pair_types == ["pairs"] * 4 and stats.counts()["pairs_pairs"] == 4
+
+
+def test_metrics_per_pair_type():
+    chosen = np.array([1.0, 2.0, 0.0, -1.0])
+    rejected = np.array([0.0, 0.0, 1.0, 0.0])
+    metrics = pair_metrics(chosen, rejected, ["language", "language", "ordinary", "ordinary"], "e")
+    assert metrics["e_accuracy"] == 0.5
+    assert metrics["e_language_accuracy"] == 1.0 and metrics["e_ordinary_accuracy"] == 0.0
+    assert metrics["e_language_mean_margin"] == pytest.approx(1.5)
+    assert "e_pairs_accuracy" not in pair_metrics(chosen, rejected, ["pairs"] * 4, "e")
+
+
+def test_reward_model_round_trip_and_shape_check(assets, tmp_path):
+    root, tokenizer = assets
+    config, backbone = load_hf(root / "sft")
+    head = {"w": jnp.linspace(-1, 1, config.embed_dim), "b": jnp.float32(0.25)}
+    save_reward_model(config, {"backbone": backbone, "head": head}, tmp_path / "rm")
+    loaded_config, params = load_reward_model(tmp_path / "rm")
+    assert loaded_config == config and params["head"]["b"].shape == ()
+    rows, _ = build_preferences(preference_rows(4, 0), tokenizer, 96, "p")
+    expected = reward_scores(
+        config, {"backbone": backbone, "head": head}, rows.chosen, rows.chosen_segments
+    )
+    got = reward_scores(config, params, rows.chosen, rows.chosen_segments)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    save_file(
+        {"w": np.zeros(3, np.float32), "b": np.zeros(1, np.float32)},
+        str(tmp_path / "rm" / "head.safetensors"),
+    )
+    with pytest.raises(ValueError, match=r"head.safetensors: expected w \[64\]"):
+        load_reward_model(tmp_path / "rm")

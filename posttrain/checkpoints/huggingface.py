@@ -179,6 +179,8 @@ def _safetensor_files(directory: Path) -> list[Path]:
     if index.exists():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [directory / name for name in sorted(set(weight_map.values()))]
+    if (directory / "model.safetensors").exists():  # others (a reward head) are not the model's
+        return [directory / "model.safetensors"]
     files = sorted(directory.glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors file in {directory} (pickled .bin is not read)")

@@ -3,7 +3,7 @@
 The reward model reads `<bos><start_of_turn>user\n{preamble}{prompt}<end_of_turn>\n
 <start_of_turn>model\n{response}<end_of_turn>` and is scored at that final `<end_of_turn>`. A
 preamble (an instruction to the reward model, never shown to the policy) is prepended to the
-user turn when the config gives one.
+user turn when the config gives one; a row's own `preamble` field overrides it ("" = none).
 """
 
 from __future__ import annotations
@@ -37,6 +37,14 @@ class PreferenceStats:
     pairs: int = 0
     malformed_skipped: int = 0
     dropped_overlong: int = 0
+    # The `pair_type` of every kept pair ("pairs" when the rows have none), for per-type metrics.
+    pair_types: list[str] = dataclasses.field(default_factory=list, repr=False)
+
+    def counts(self) -> dict[str, int]:
+        """Row counts (and kept pairs per type) for a metrics file."""
+        kept = {f"pairs_{t}": self.pair_types.count(t) for t in sorted(set(self.pair_types))}
+        fields = ("rows", "pairs", "malformed_skipped", "dropped_overlong")
+        return {name: getattr(self, name) for name in fields} | kept
 
 
 def _text(row: dict[str, Any], key: str, where: str) -> str:
@@ -46,16 +54,72 @@ def _text(row: dict[str, Any], key: str, where: str) -> str:
     return value
 
 
+Prompt = str | list[dict[str, str]]  # one user message, or the chat turns before the reply
+
+
 def encode_for_reward(
-    tokenizer: GemmaTokenizer, prompt: str, response: str, preamble: str | None
+    tokenizer: GemmaTokenizer, prompt: Prompt, response: str, preamble: str | None
 ) -> list[int]:
-    """Token ids ending at the response's `<end_of_turn>` (the scored position)."""
-    user = f"{preamble}\n\n{prompt}" if preamble else prompt
+    """Token ids ending at the response's `<end_of_turn>` (the scored position); the preamble
+    opens the conversation, a system prompt is merged into the first user turn."""
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if preamble:  # before everything, a system prompt included
+        turns[0] = {**turns[0], "content": f"{preamble}\n\n{turns[0]['content']}"}
     ids = tokenizer.encode_chat(
-        [{"role": "user", "content": user}, {"role": "assistant", "content": response}]
+        [*turns, {"role": "assistant", "content": response}], merge_system=True
     )
     last = len(ids) - 1 - ids[::-1].index(END_OF_TURN_ID)
     return ids[: last + 1]
+
+
+def _turn_list(value: Any, key: str, where: str) -> list[dict[str, str]]:
+    valid = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(t, dict)
+            and t.get("role") in ("system", "user", "assistant", "model")
+            and isinstance(t.get("content"), str)
+            for t in value
+        )
+    )
+    if not valid:
+        raise DataError(
+            f"{where}: '{key}' must be a non-empty string or a list of chat turns "
+            f"{{role, content}}, got {value!r:.60}"
+        )
+    return [{"role": t["role"], "content": t["content"]} for t in value]
+
+
+def pair_sides(row: dict[str, Any], where: str) -> tuple[Prompt, str, str]:
+    """(prompt, chosen reply, rejected reply) of a row given as strings or as chat messages
+    (`chosen`/`rejected` conversations ending with the reply, `prompt` optional)."""
+    chosen, rejected = row.get("chosen"), row.get("rejected")
+    if not (isinstance(chosen, list) or isinstance(rejected, list)):
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str):
+            prompt = _turn_list(prompt, "prompt", where)
+        elif not prompt.strip():
+            raise DataError(f"{where}: 'prompt' must be a non-empty string, got {prompt!r:.60}")
+        return prompt, _text(row, "chosen", where), _text(row, "rejected", where)
+    sides = {key: _turn_list(row.get(key), key, where) for key in ("chosen", "rejected")}
+    for key, turns in sides.items():
+        if turns[-1]["role"] not in ("assistant", "model") or not turns[-1]["content"].strip():
+            raise DataError(f"{where}: '{key}' must end with a non-empty assistant turn")
+    context = sides["chosen"][:-1]
+    if sides["rejected"][:-1] != context:
+        raise DataError(f"{where}: 'chosen' and 'rejected' differ before their last turn")
+    if row.get("prompt") is not None:
+        prompt = row["prompt"]
+        prompt_turns = (
+            [{"role": "user", "content": prompt}]
+            if isinstance(prompt, str)
+            else _turn_list(prompt, "prompt", where)
+        )
+        context = prompt_turns + context
+    if not any(t["role"] == "user" for t in context):
+        raise DataError(f"{where}: no user turn before the replies")
+    return context, sides["chosen"][-1]["content"], sides["rejected"][-1]["content"]
 
 
 def build_preferences(
@@ -69,15 +133,24 @@ def build_preferences(
     """Tokenize preference rows; a malformed pair names its file and row unless skipped."""
     stats = PreferenceStats(rows=len(rows))
     sides: list[tuple[list[int], list[int], float, float]] = []
+    pair_types: list[str] = []
     for index, row in enumerate(rows):
         where = f"{source}: row {index}"
         try:
-            prompt = _text(row, "prompt", where)
-            chosen, rejected = _text(row, "chosen", where), _text(row, "rejected", where)
+            prompt, chosen, rejected = pair_sides(row, where)
             margin = float(row.get("margin") or 0.0)
             label = float(row["label"]) if row.get("label") is not None else 1.0
             if not 0.0 <= label <= 1.0:
                 raise DataError(f"{where}: 'label' must be a probability in [0, 1], got {label}")
+            # A missing or null row preamble (datasets fills absent columns with None) = the stage's.
+            row_preamble = preamble if row.get("preamble") is None else row["preamble"]
+            if row_preamble is not None and not isinstance(row_preamble, str):
+                raise DataError(f"{where}: 'preamble' must be a string, got {row_preamble!r:.60}")
+            pair_type = row.get("pair_type") or "pairs"
+            if not isinstance(pair_type, str):
+                raise DataError(f"{where}: 'pair_type' must be a string, got {pair_type!r:.60}")
+            good = encode_for_reward(tokenizer, prompt, chosen, row_preamble or None)
+            bad = encode_for_reward(tokenizer, prompt, rejected, row_preamble or None)
         except (DataError, TypeError, ValueError) as error:
             if not skip_malformed:
                 raise DataError(
@@ -85,16 +158,16 @@ def build_preferences(
                 ) from error
             stats.malformed_skipped += 1
             continue
-        good = encode_for_reward(tokenizer, prompt, chosen, preamble)
-        bad = encode_for_reward(tokenizer, prompt, rejected, preamble)
         if max(len(good), len(bad)) > max_length:
             # Truncating would cut away the scored token, so over-long pairs are dropped.
             stats.dropped_overlong += 1
             continue
         sides.append((good, bad, margin, label))
+        pair_types.append(pair_type)
     if not sides:
         raise DataError(f"{source}: no usable preference pairs ({stats})")
     stats.pairs = len(sides)
+    stats.pair_types = pair_types
 
     def pad(sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         tokens = np.full((len(sequences), max_length), PAD_ID, np.int32)

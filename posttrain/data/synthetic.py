@@ -70,21 +70,3 @@ def reversal_rows(
             prompt = f"数字を逆順にしてください: {digits}"
         rows.append({"prompt": prompt, "response": " ".join(reversed(digits.split()))})
     return rows
-
-
-def language_contrast_rows(num_rows: int, seed: int = 0) -> list[dict]:
-    """Preference pairs whose only difference is the reply's language: the chosen reply is in
-    the prompt's language, the rejected one says the same in the other language."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(num_rows):
-        make = arithmetic_question if rng.random() < 0.5 else small_talk
-        state = rng.getstate()
-        prompt_en, reply_en = make(rng, "en")
-        rng.setstate(state)  # the same draw in Japanese: same numbers, same topic
-        prompt_ja, reply_ja = make(rng, "ja")
-        if rng.random() < 0.5:
-            rows.append({"prompt": prompt_ja, "chosen": reply_ja, "rejected": reply_en})
-        else:
-            rows.append({"prompt": prompt_en, "chosen": reply_en, "rejected": reply_ja})
-    return rows

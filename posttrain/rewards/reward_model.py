@@ -8,14 +8,20 @@ either. The head can start from a linear probe fitted on frozen features.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from safetensors.numpy import load_file, save_file
 
+from posttrain.checkpoints import load_hf, save_hf
 from posttrain.losses.bradley_terry import bradley_terry_loss
 from posttrain.models import ModelConfig, Transformer
+
+HEAD_FILE = "head.safetensors"
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -38,10 +44,52 @@ def last_token_features(
     return jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
-def reward_scores(config: ModelConfig, params: Params, tokens: Array, segment_ids: Array) -> Array:
-    """Rewards [b] for token rows; params = {'backbone': ..., 'head': {'w', 'b'}}."""
+def reward_scores(
+    config: ModelConfig,
+    params: Params,
+    tokens: Array,
+    segment_ids: Array,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> Array:
+    """Rewards [b] for token rows; params = {'backbone': ..., 'head': {'w', 'b'}}.
+
+    With a key and a rate > 0, inverted dropout on the head's input features (training only).
+    """
     features = last_token_features(config, params["backbone"], tokens, segment_ids)
+    if dropout_key is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, features.shape)
+        features = jnp.where(keep, features / (1.0 - dropout_rate), 0.0)
     return features @ params["head"]["w"] + params["head"]["b"]
+
+
+def save_reward_model(config: ModelConfig, params: Params, directory: str | Path) -> Path:
+    """Backbone as a Hugging Face directory plus the head as `head.safetensors`."""
+    directory = Path(directory)
+    save_hf(config, jax.tree.map(np.asarray, params["backbone"]), directory)
+    head = {k: np.asarray(v, np.float32).reshape(-1) for k, v in params["head"].items()}
+    tmp = directory / f".{HEAD_FILE}.tmp"
+    save_file(head, str(tmp))
+    tmp.replace(directory / HEAD_FILE)  # the head appears whole or not at all
+    return directory
+
+
+def load_reward_model(directory: str | Path) -> tuple[ModelConfig, Params]:
+    """(config, {'backbone', 'head'}) from `save_reward_model`'s directory, shapes checked."""
+    directory = Path(directory)
+    if not (directory / HEAD_FILE).exists():
+        raise FileNotFoundError(f"{directory}: no {HEAD_FILE}; not a reward-model directory")
+    config, backbone = load_hf(directory)
+    head = load_file(str(directory / HEAD_FILE))
+    if set(head) != {"w", "b"} or head["w"].shape != (config.embed_dim,) or head["b"].size != 1:
+        shapes = {k: v.shape for k, v in head.items()}
+        raise ValueError(
+            f"{directory / HEAD_FILE}: expected w [{config.embed_dim}] and b [1], got {shapes}"
+        )
+    return config, {
+        "backbone": jax.tree.map(jnp.asarray, backbone),
+        "head": {"w": jnp.asarray(head["w"]), "b": jnp.asarray(head["b"].reshape(()))},
+    }
 
 
 def fit_linear_probe(
