@@ -23,9 +23,15 @@ log = logging.getLogger("posttrain")
 
 def _stages() -> dict[str, Callable[[DictConfig], dict[str, Any]]]:
     # Imported lazily so that `posttrain --help` and config errors never wait for JAX.
-    from posttrain.stages import reward, sample, sft, synthetic
+    from posttrain.stages import reward, sample, sft, synthetic, warm
 
-    return {"sample": sample.run, "sft": sft.run, "synthetic": synthetic.run, "reward": reward.run}
+    return {
+        "sample": sample.run,
+        "sft": sft.run,
+        "synthetic": synthetic.run,
+        "reward": reward.run,
+        "warm": warm.run,
+    }
 
 
 # The config groups each stage reads; only their required (???) values must be set.
@@ -34,6 +40,7 @@ STAGE_GROUPS = {
     "sft": ("stage", "data", "model", "optim", "logger"),
     "synthetic": ("stage",),
     "reward": ("stage", "optim", "logger"),
+    "warm": ("stage", "optim", "logger"),
 }
 
 

@@ -1,0 +1,256 @@
+"""The `warm` stage: M Bradley-Terry reward models from one start, averaged weight by weight.
+
+Every member starts from an SFT checkpoint (one shared, or several along one SFT run, WARM's
+"Baklava") and one linear-probed head shared by all; members differ by seed and data order
+and by a learning rate and dropout taken in turn from the config's lists. The stage refuses
+members whose parameter trees or tokenizers differ, then writes the uniform average (or a
+greedy soup) as `<run_dir>/reward_model/` and reports each member, the weight average and
+the prediction ensemble (mean of member rewards) side by side. Members are trained one after
+another, each in `members/<i>/`, so an interrupted stage resumes at the member it was in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from posttrain.checkpoints import load_hf
+from posttrain.models import ModelConfig
+from posttrain.rewards.reward_model import init_head, load_reward_model, save_reward_model
+from posttrain.rewards.warm import (
+    IncompatibleMembersError,
+    average_weights,
+    check_compatible,
+    ensemble,
+    greedy_soup,
+)
+from posttrain.stages.reward import (
+    PreferenceSplits,
+    RewardConfig,
+    load_preference_splits,
+    make_tracker,
+    pair_metrics,
+    probe_head,
+    score_pairs,
+    stage_config,
+    train_reward_model,
+)
+from posttrain.tokenizer import GemmaTokenizer
+from posttrain.train.optim import OptimConfig
+
+AVERAGES = ("uniform", "greedy")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmConfig:
+    """The warm stage's settings; shared ones mean what they mean in the reward stage."""
+
+    init_checkpoints: list[str] | str  # SFT checkpoint(s); members take them in turn
+    tokenizer: list[str] | str  # one, or one per checkpoint (they must be identical)
+    train: str
+    eval: str | None = None
+    split: str = "train"
+    preamble: str | None = None
+    max_length: int = 128
+    skip_malformed: bool = False
+    members: int = 4
+    learning_rates: list[float] = dataclasses.field(default_factory=lambda: [1e-5, 4e-5, 1e-4])
+    dropouts: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.1])
+    average: str = "uniform"  # or "greedy": members join best-first while eval accuracy holds
+    batch_size: int = 8
+    steps: int = 100
+    save_every: int = 50
+    center_coefficient: float = 0.0
+    linear_probe: bool = True
+    probe_pairs: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.members < 1:
+            raise ValueError(f"stage.members must be >= 1, got {self.members}")
+        if self.average not in AVERAGES:
+            raise ValueError(f"stage.average={self.average!r}; expected one of {AVERAGES}")
+        if self.average == "greedy" and not self.eval:
+            raise ValueError("stage.average=greedy ranks members on held-out pairs: set stage.eval")
+        if not self.learning_rates or not self.dropouts:
+            raise ValueError("stage.learning_rates and stage.dropouts need at least one value")
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The SFT checkpoints as a list."""
+        return _as_list(self.init_checkpoints)
+
+    def member(self, index: int) -> tuple[RewardConfig, str]:
+        """Member `index`'s reward-stage settings and starting checkpoint."""
+        names = {f.name for f in dataclasses.fields(RewardConfig)} & set(self.__dataclass_fields__)
+        shared = {name: getattr(self, name) for name in names}
+        shared |= dict(
+            init_checkpoint=self.checkpoints[index % len(self.checkpoints)],
+            tokenizer=_as_list(self.tokenizer)[0],
+            dropout=self.dropouts[index % len(self.dropouts)],
+            seed=self.seed + index,
+        )
+        return RewardConfig(**shared), shared["init_checkpoint"]
+
+    def learning_rate(self, index: int) -> float:
+        """Member `index`'s peak learning rate."""
+        return self.learning_rates[index % len(self.learning_rates)]
+
+
+def _as_list(value: list[str] | str) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def check_tokenizers(paths: list[str]) -> None:
+    """Refuse tokenizer files that differ (members must read the same token ids)."""
+    digests = {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in paths}
+    first = paths[0]
+    for path in paths[1:]:
+        if digests[path] != digests[first]:
+            raise IncompatibleMembersError(f"tokenizer {path} differs from {first}")
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train the members, average them, report members / WARM / ensemble."""
+    stage = stage_config(cfg, WarmConfig)
+    run_dir = Path(cfg.run_dir)
+    check_tokenizers(_as_list(stage.tokenizer))
+    tokenizer = GemmaTokenizer(_as_list(stage.tokenizer)[0])
+    starts = {path: load_hf(path) for path in stage.checkpoints}
+    config = starts[stage.checkpoints[0]][0]
+    for path, (other, _) in starts.items():
+        if other != config:
+            raise IncompatibleMembersError(
+                f"{path}: model config differs from {stage.checkpoints[0]}: {other} vs {config}"
+            )
+    check_compatible([backbone for _, backbone in starts.values()], stage.checkpoints)
+
+    first, _ = stage.member(0)
+    splits = load_preference_splits(first, tokenizer, stage.batch_size)
+    # One head for every member (WARM's shared linear probe), fitted on the last checkpoint.
+    head = init_head(config)
+    if stage.linear_probe:
+        head = probe_head(config, starts[stage.checkpoints[-1]][1], splits.train, stage.probe_pairs)
+
+    tracker = make_tracker(cfg)
+    metrics: dict[str, Any] = {f"data_{k}": v for k, v in splits.stats.counts().items()}
+    member_dirs, member_params = [], []
+    try:
+        for index in range(stage.members):
+            member_cfg, checkpoint = stage.member(index)
+            member_dir = run_dir / "members" / str(index)
+            done = member_dir / "reward_model"
+            if not (done / "member.json").exists():
+                optim = OptimConfig(
+                    **{
+                        **OmegaConf.to_container(cfg.optim),
+                        "lr": stage.learning_rate(index),
+                        "total_steps": stage.steps,
+                    }
+                )
+                params = {
+                    "backbone": jax.tree.map(jnp.asarray, starts[checkpoint][1]),
+                    "head": jax.tree.map(jnp.array, head),  # a copy: training donates it
+                }
+                result = train_reward_model(
+                    config,
+                    params,
+                    splits.train,
+                    member_cfg,
+                    optim,
+                    member_dir / "checkpoints",
+                    tracker,
+                    description=f"member{index}",
+                )
+                if result.interrupted:
+                    return metrics | {"interrupted": True, "members_finished": index}
+                save_reward_model(config, result.state.params, done)
+                info = dict(
+                    checkpoint=checkpoint,
+                    lr=optim.lr,
+                    dropout=member_cfg.dropout,
+                    seed=member_cfg.seed,
+                )
+                (done / "member.json").write_text(json.dumps(info, indent=2))
+            member_dirs.append(str(done))
+            member_params.append(load_reward_model(done)[1])
+        compared, averaged = compare_members(config, member_params, splits, stage.batch_size)
+        metrics |= compared
+        if stage.average == "greedy":
+            rows, _ = splits.evaluated["eval"]  # selection data: its warm_eval is optimistic
+
+            def eval_accuracy(params) -> float:
+                chosen, rejected = score_pairs(config, params, rows, stage.batch_size)
+                return float(np.mean(chosen > rejected))
+
+            averaged, kept = greedy_soup(member_params, eval_accuracy)
+            metrics["soup_members"] = kept
+            metrics |= _split_metrics(config, averaged, splits, stage.batch_size, "warm")
+        metrics["interrupted"] = False
+        metrics["members"] = member_dirs
+        tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)}, stage.steps)
+        tracker.log_table("warm/comparison", *comparison_table(metrics, stage.members), stage.steps)
+        print(format_comparison(metrics, stage.members))
+        metrics["checkpoint"] = str(save_reward_model(config, averaged, run_dir / "reward_model"))
+        return metrics
+    finally:
+        tracker.finish()
+
+
+def _split_metrics(
+    config: ModelConfig, params: Any, splits: PreferenceSplits, batch_size: int, name: str
+) -> dict[str, float]:
+    out = {}
+    for split, (rows, types) in splits.evaluated.items():
+        chosen, rejected = score_pairs(config, params, rows, batch_size)
+        out |= pair_metrics(chosen, rejected, types, f"{name}_{split}")
+    return out
+
+
+def compare_members(
+    config: ModelConfig, member_params: list, splits: PreferenceSplits, batch_size: int
+) -> tuple[dict[str, Any], Any]:
+    """Metrics of every member, of their uniform weight average and of their ensemble; and
+    that average."""
+    metrics: dict[str, Any] = {}
+    member_scores: dict[str, list] = {split: [] for split in splits.evaluated}
+    for index, params in enumerate(member_params):
+        for split, (rows, types) in splits.evaluated.items():
+            chosen, rejected = score_pairs(config, params, rows, batch_size)
+            member_scores[split].append((chosen, rejected))
+            metrics |= pair_metrics(chosen, rejected, types, f"member{index}_{split}")
+    for split, (_, types) in splits.evaluated.items():
+        chosen = ensemble([c for c, _ in member_scores[split]])
+        rejected = ensemble([r for _, r in member_scores[split]])
+        metrics |= pair_metrics(chosen, rejected, types, f"ensemble_{split}")
+    average = average_weights(member_params)
+    metrics |= _split_metrics(config, average, splits, batch_size, "warm")
+    return metrics, average
+
+
+def comparison_table(metrics: dict[str, Any], members: int) -> tuple[list[str], list[list]]:
+    """Columns and rows: each member, the weight average and the ensemble, per metric."""
+    keys = sorted(
+        {k.split("_", 1)[1] for k in metrics if k.startswith("warm_") and "accuracy" in k}
+    )
+    names = [f"member{i}" for i in range(members)] + ["warm", "ensemble"]
+    rows = [[name] + [metrics.get(f"{name}_{key}") for key in keys] for name in names]
+    return ["model", *keys], rows
+
+
+def format_comparison(metrics: dict[str, Any], members: int) -> str:
+    """The comparison table as Markdown."""
+    columns, rows = comparison_table(metrics, members)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = [row[0]] + ["" if v is None else f"{v:.3f}" for v in row[1:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
