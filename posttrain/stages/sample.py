@@ -1,7 +1,9 @@
 """The `sample` stage: continuations of a prompt set from a checkpoint, written as JSONL.
 
 One line per sample: prompt, response, log_prob (sum over the response under the unmodified
-model), num_tokens, finished, and reward when a rule reward is named. Methods: plain sampling
+model), num_tokens, finished, and reward when one is given (a rule name or a reward spec of
+`posttrain.rewards.api`: reward models, WARM averages, ensembles, weighted sums, an offset).
+Methods: plain sampling
 (`num_samples` per prompt), beam search (the best beam), or Best-of-N (the best of
 `num_samples` by the reward).
 """
@@ -16,12 +18,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from posttrain.checkpoints import load_hf
 from posttrain.data.prompts import load_prompts
-from posttrain.rewards.rules import get_rule
+from posttrain.rewards.api import RewardFunction, reward_from_config
 from posttrain.sampling import SamplingConfig, beam_search, best_of_n, sample
 from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID, GemmaTokenizer
 
@@ -49,11 +51,19 @@ def _check(stage: DictConfig) -> None:
     if stage.method not in METHODS:
         raise ValueError(f"stage.method={stage.method!r}; expected one of {METHODS}")
     if stage.method == "best_of_n" and stage.reward is None:
-        raise ValueError("stage.method=best_of_n needs stage.reward (a rule reward name)")
+        raise ValueError("stage.method=best_of_n needs stage.reward (a rule or a reward model)")
     if stage.batch_size < 1 or stage.num_samples < 1:
         raise ValueError("stage.batch_size and stage.num_samples must be >= 1")
-    if stage.reward is not None:
-        get_rule(stage.reward)  # fails now, naming the known rules, not after sampling
+
+
+def build_reward(stage: DictConfig) -> RewardFunction | None:
+    """The stage's reward function (rule name or reward spec), built before any sampling."""
+    if stage.reward is None:
+        return None
+    spec = stage.reward
+    if isinstance(spec, DictConfig):
+        spec = OmegaConf.to_container(spec, resolve=True)
+    return reward_from_config(spec, stage.tokenizer)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -75,7 +85,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(
             f"tokenizer has {tokenizer.vocab_size} pieces but the model only {config.vocab_size}"
         )
-    rule = get_rule(stage.reward) if stage.reward is not None else None
+    reward = build_reward(stage)
 
     output = Path(stage.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -88,7 +98,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             ids = [encode_prompt(tokenizer, prompt, stage.chat) for prompt in batch]
             # One random stream per batch, reproducible from the seed and the batch position.
             rng = jax.random.fold_in(jax.random.key(settings.seed), start)
-            rows = _generate(stage, config, params, tokenizer, batch, ids, settings, rule, rng)
+            rows = _generate(stage, config, params, tokenizer, batch, ids, settings, reward, rng)
             for row in rows:
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
                 generated_tokens += row["num_tokens"]
@@ -121,10 +131,32 @@ def _generate(
     prompts: Sequence[Any],
     ids: list[list[int]],
     settings: SamplingConfig,
-    rule,
+    reward: RewardFunction | None,
     rng: jax.Array,
 ) -> list[dict[str, Any]]:
-    """One batch of prompts -> output rows."""
+    """One batch of prompts -> output rows (rewarded, when a reward is given)."""
+    rows = _sample_rows(stage, config, params, tokenizer, prompts, ids, settings, reward, rng)
+    if reward is not None:
+        scores = reward([prompts[r.pop("_prompt")] for r in rows], [r["response"] for r in rows])
+        for row, score in zip(rows, scores, strict=True):
+            row["reward"] = float(score)
+    else:
+        for row in rows:
+            row.pop("_prompt")
+    return rows
+
+
+def _sample_rows(
+    stage: DictConfig,
+    config,
+    params,
+    tokenizer: GemmaTokenizer,
+    prompts: Sequence[Any],
+    ids: list[list[int]],
+    settings: SamplingConfig,
+    reward: RewardFunction | None,
+    rng: jax.Array,
+) -> list[dict[str, Any]]:
     texts = [prompt_text(prompt) for prompt in prompts]
 
     def row(index: int, tokens: np.ndarray, length: int, log_prob: float, finished: bool) -> dict:
@@ -136,9 +168,8 @@ def _generate(
             log_prob=float(log_prob),
             num_tokens=int(length),
             finished=bool(finished),
+            _prompt=index,
         )
-        if rule is not None:
-            out["reward"] = rule(texts[index], response)
         return out
 
     if stage.method == "beam":
@@ -159,13 +190,11 @@ def _generate(
         ]
 
     if stage.method == "best_of_n":
-        prompt_of = {tuple(p): texts[i] for i, p in enumerate(ids)}
+        prompt_of = {tuple(p): prompts[i] for i, p in enumerate(ids)}
 
         def reward_fn(prompt_ids, responses):
-            return [
-                rule(prompt_of[tuple(p)], tokenizer.decode(r))
-                for p, r in zip(prompt_ids, responses, strict=True)
-            ]
+            texts = [tokenizer.decode(r) for r in responses]
+            return reward([prompt_of[tuple(p)] for p in prompt_ids], texts)
 
         pool = best_of_n(config, params, ids, stage.num_samples, reward_fn, settings, rng)
         rows = []

@@ -1,0 +1,204 @@
+"""The reward API: one callable shape for every reward the toolkit optimises or reports.
+
+A reward function maps a batch of (prompt, response) pairs to float32 rewards [n]. Sources:
+a reward-model directory (the `reward` stage's output, or the `warm` stage's weight average,
+which has the same format), a prediction ensemble of several, a rule on the text (e.g. the
+language check), and weighted sums of these. `Recentred` subtracts a fixed offset, usually the
+mean reward of the SFT policy's own samples, so that the SFT policy scores 0 on average.
+
+From a config (a stage's `reward` key): a rule name, or
+    {terms: [{rule: language_match, weight: 1.0},
+             {model: runs/warm/reward_model, preamble: "...", weight: 0.5},
+             {ensemble: [dir_a, dir_b]}],
+     offset: 0.0}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import numpy as np
+
+from posttrain.data.preferences import Prompt, encode_for_reward
+from posttrain.rewards.reward_model import load_reward_model, reward_scores
+from posttrain.rewards.rules import get_rule
+from posttrain.tokenizer import PAD_ID, GemmaTokenizer
+
+LENGTH_BUCKET = 32  # inputs are padded to a multiple of this, so few shapes are compiled
+
+
+class RewardFunction(Protocol):
+    """(prompts, responses) -> rewards [n] (float32)."""
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray: ...
+
+
+def last_user_text(prompt: Prompt) -> str:
+    """The text a rule judges the prompt by: the string, or the last user turn of a chat."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [turn["content"] for turn in prompt if turn.get("role") == "user"]
+    if not users:
+        raise ValueError("a chat prompt needs a user turn")
+    return users[-1]
+
+
+class RuleReward:
+    """A rule on the text of the prompt's last user turn and the response."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.rule = get_rule(name)
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        """Rule rewards of each pair."""
+        _check_lengths(prompts, responses)
+        return np.asarray(
+            [self.rule(last_user_text(p), r) for p, r in zip(prompts, responses, strict=True)],
+            np.float32,
+        )
+
+
+class ModelReward:
+    """A reward model directory (the reward or warm stage's `reward_model/`)."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        tokenizer: GemmaTokenizer | str | Path,
+        preamble: str | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        self.directory = str(directory)
+        self.config, self.params = load_reward_model(directory)
+        self.tokenizer = (
+            tokenizer if isinstance(tokenizer, GemmaTokenizer) else GemmaTokenizer(tokenizer)
+        )
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise ValueError(
+                f"{directory}: tokenizer has {self.tokenizer.vocab_size} pieces, the reward "
+                f"model only {self.config.vocab_size}"
+            )
+        self.preamble = preamble
+        self.batch_size = batch_size
+        config = self.config
+        self._score = jax.jit(lambda p, t, s: reward_scores(config, p, t, s))
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        """Reward-model scores at each response's final `<end_of_turn>`."""
+        _check_lengths(prompts, responses)
+        ids = [
+            encode_for_reward(self.tokenizer, p, r, self.preamble)
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+        scores = []
+        for start in range(0, len(ids), self.batch_size):
+            part = ids[start : start + self.batch_size]
+            length = -(-max(len(x) for x in part) // LENGTH_BUCKET) * LENGTH_BUCKET
+            # A fixed batch size: the last, short batch is padded with empty rows.
+            tokens = np.full((self.batch_size, length), PAD_ID, np.int32)
+            segments = np.zeros((self.batch_size, length), np.int32)
+            segments[:, 0] = 1  # padding rows score their first token; their scores are dropped
+            for i, row in enumerate(part):
+                tokens[i, : len(row)] = row
+                segments[i, : len(row)] = 1
+            out = np.asarray(self._score(self.params, tokens, segments), np.float32)
+            scores.append(out[: len(part)])
+        return np.concatenate(scores) if scores else np.zeros(0, np.float32)
+
+
+class EnsembleReward:
+    """The mean of several reward functions' scores (WARM's prediction-ensemble baseline)."""
+
+    def __init__(self, members: Sequence[RewardFunction]) -> None:
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = list(members)
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        """Mean member reward of each pair."""
+        return np.mean([m(prompts, responses) for m in self.members], axis=0).astype(np.float32)
+
+
+class WeightedSum:
+    """Σ_i w_i · r_i(x, y)."""
+
+    def __init__(self, terms: Sequence[tuple[float, RewardFunction]]) -> None:
+        if not terms:
+            raise ValueError("a weighted sum needs at least one term")
+        self.terms = list(terms)
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        """Weighted sum of the terms' rewards."""
+        total = np.zeros(len(responses), np.float32)
+        for weight, term in self.terms:
+            total += np.float32(weight) * term(prompts, responses)
+        return total
+
+
+class Recentred:
+    """r(x, y) - offset; `fit` sets the offset to the mean reward of given (SFT) samples."""
+
+    def __init__(self, reward: RewardFunction, offset: float = 0.0) -> None:
+        self.reward = reward
+        self.offset = float(offset)
+
+    def fit(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Recentred:
+        """Offset = the mean raw reward of these samples (the SFT policy's, usually)."""
+        self.offset = float(np.mean(self.reward(prompts, responses)))
+        return self
+
+    def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
+        """Recentred rewards."""
+        return self.reward(prompts, responses) - np.float32(self.offset)
+
+
+def _check_lengths(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+
+
+_TERM_KEYS = {"rule", "model", "ensemble", "weight", "preamble", "tokenizer", "batch_size"}
+
+
+def reward_from_config(spec: str | Mapping[str, Any], tokenizer: str | None) -> Recentred:
+    """A reward function from a stage's `reward` value; unknown keys fail naming the key."""
+    if isinstance(spec, str):
+        spec = {"terms": [{"rule": spec}]}
+    unknown = set(spec) - {"terms", "offset"}
+    if unknown:
+        raise KeyError(f"reward: unknown keys {sorted(unknown)}; expected terms, offset")
+    if not spec.get("terms"):
+        raise ValueError("reward.terms must list at least one term")
+    terms = []
+    for index, term in enumerate(spec["terms"]):
+        where = f"reward.terms[{index}]"
+        unknown = set(term) - _TERM_KEYS
+        sources = [k for k in ("rule", "model", "ensemble") if term.get(k) is not None]
+        if unknown:
+            raise KeyError(
+                f"{where}: unknown keys {sorted(unknown)}; expected {sorted(_TERM_KEYS)}"
+            )
+        if len(sources) != 1:
+            raise ValueError(f"{where}: name exactly one of rule, model, ensemble; got {sources}")
+        if sources[0] == "rule":
+            terms.append((float(term.get("weight", 1.0)), RuleReward(term["rule"])))
+            continue
+        term_tokenizer = term.get("tokenizer") or tokenizer
+        if term_tokenizer is None:
+            raise ValueError(f"{where}: a reward model needs a tokenizer (term or stage)")
+        shared = GemmaTokenizer(term_tokenizer)
+
+        def model(directory: str, t: Mapping[str, Any] = term, tok: GemmaTokenizer = shared):
+            return ModelReward(directory, tok, t.get("preamble"), int(t.get("batch_size", 16)))
+
+        if sources[0] == "model":
+            function: RewardFunction = model(term["model"])
+        else:
+            function = EnsembleReward([model(d) for d in term["ensemble"]])
+        terms.append((float(term.get("weight", 1.0)), function))
+    reward = terms[0][1] if len(terms) == 1 and terms[0][0] == 1.0 else WeightedSum(terms)
+    return Recentred(reward, float(spec.get("offset", 0.0)))
