@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from experiments.bench.common import prepend_results
 from posttrain.losses.bradley_terry import bradley_terry_loss
 from posttrain.rewards.reward_model import fit_linear_probe
 from posttrain.rewards.warm import average_weights, ensemble, interpolate
@@ -216,9 +217,7 @@ def main() -> None:
             print(lines[-1], flush=True)
     section = "\n".join(lines) + "\n"
     if not args.no_write:
-        header = "# WARM under 25% label noise (algorithms.md 3.5)\n\n"
-        previous = RESULTS.read_text().removeprefix(header) if RESULTS.exists() else ""
-        RESULTS.write_text(header + section + ("\n" + previous if previous else ""))
+        prepend_results(RESULTS, "# WARM under 25% label noise (algorithms.md 3.5)\n\n", section)
 
 
 if __name__ == "__main__":
