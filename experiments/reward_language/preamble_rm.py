@@ -117,7 +117,8 @@ def gates(results: dict[str, dict[str, float]]) -> dict[str, bool]:
     """Issue 5's acceptance on one run."""
     preamble, plain = results["preamble"], results["no_language_pairs"]
     return {
-        "preamble RM >= 0.99 on language pairs": preamble["language"] >= 0.99,
+        # 396/400 is 0.99 exactly, but float32 accuracy rounds it to 0.98999995.
+        "preamble RM >= 0.99 on language pairs": preamble["language"] >= 0.99 - 1e-6,
         "ordinary accuracy within 0.01 of no_language_pairs": preamble["ordinary"]
         >= plain["ordinary"] - 0.01,
         "english_dominant markedly worse on language pairs": results["english_dominant"]["language"]
