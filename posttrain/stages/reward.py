@@ -10,6 +10,7 @@ training and held-out pairs, overall and per pair type. The WARM stage reuses th
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -159,11 +160,17 @@ def train_reward_model(
         checkpointer.close()
 
 
+@functools.cache
+def _jitted_scores(config: ModelConfig):
+    # One compiled scorer per model config: members, averages and soups reuse it.
+    return jax.jit(lambda p, t, s: reward_scores(config, p, t, s))
+
+
 def score_pairs(
     config: ModelConfig, params: Params, rows: PreferenceRows, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rewards of both sides of every pair."""
-    score = jax.jit(lambda p, t, s: reward_scores(config, p, t, s))
+    score = _jitted_scores(config)
     chosen, rejected = [], []
     for start in range(0, len(rows.chosen), batch_size):
         part = slice(start, start + batch_size)
