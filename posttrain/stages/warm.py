@@ -12,6 +12,7 @@ another, each in `members/<i>/`, so an interrupted stage resumes at the member i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -135,10 +136,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     first, _ = stage.member(0)
     splits = load_preference_splits(first, tokenizer, stage.batch_size)
-    # One head for every member (WARM's shared linear probe), fitted on the last checkpoint.
-    head = init_head(config)
-    if stage.linear_probe:
-        head = probe_head(config, starts[stage.checkpoints[-1]][1], splits.train, stage.probe_pairs)
+
+    @functools.cache
+    def shared_head() -> dict:
+        # One head for every member (WARM's shared linear probe), fitted on the last checkpoint;
+        # only when a member still needs training.
+        if not stage.linear_probe:
+            return init_head(config)
+        return probe_head(config, starts[stage.checkpoints[-1]][1], splits.train, stage.probe_pairs)
 
     tracker = make_tracker(cfg)
     metrics: dict[str, Any] = {f"data_{k}": v for k, v in splits.stats.counts().items()}
@@ -158,7 +163,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 )
                 params = {
                     "backbone": jax.tree.map(jnp.asarray, starts[checkpoint][1]),
-                    "head": jax.tree.map(jnp.array, head),  # a copy: training donates it
+                    "head": jax.tree.map(jnp.array, shared_head()),  # a copy: training donates it
                 }
                 result = train_reward_model(
                     config,
