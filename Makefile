@@ -37,5 +37,5 @@ bench-env: .venv-bench/.installed
 .venv-bench/.installed: pyproject.toml
 	$(PYTHON) -m venv .venv-bench
 	.venv-bench/bin/pip install -q torch==2.13.0
-	.venv-bench/bin/pip install -q -e . google-tunix==0.1.7
+	.venv-bench/bin/pip install -q -e . google-tunix==0.1.7 trl
 	touch $@
