@@ -136,27 +136,16 @@ def _generate(
 ) -> list[dict[str, Any]]:
     """One batch of prompts -> output rows (rewarded, when a reward is given)."""
     rows = _sample_rows(stage, config, params, tokenizer, prompts, ids, settings, reward, rng)
+    prompt_index = [row.pop("_prompt") for row in rows]
     if reward is not None:
-        scores = reward([prompts[r.pop("_prompt")] for r in rows], [r["response"] for r in rows])
+        scores = reward([prompts[i] for i in prompt_index], [r["response"] for r in rows])
         for row, score in zip(rows, scores, strict=True):
             row["reward"] = float(score)
-    else:
-        for row in rows:
-            row.pop("_prompt")
     return rows
 
 
-def _sample_rows(
-    stage: DictConfig,
-    config,
-    params,
-    tokenizer: GemmaTokenizer,
-    prompts: Sequence[Any],
-    ids: list[list[int]],
-    settings: SamplingConfig,
-    reward: RewardFunction | None,
-    rng: jax.Array,
-) -> list[dict[str, Any]]:
+def _sample_rows(stage, config, params, tokenizer, prompts, ids, settings, reward, rng) -> list:
+    """Rows of the chosen method, each with the index of its prompt under `_prompt`."""
     texts = [prompt_text(prompt) for prompt in prompts]
 
     def row(index: int, tokens: np.ndarray, length: int, log_prob: float, finished: bool) -> dict:
