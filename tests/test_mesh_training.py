@@ -8,7 +8,14 @@ import pytest
 
 from posttrain.data.sft import Rows
 from posttrain.models import get_preset, init_params, param_logical_axes
-from posttrain.sharding import MeshConfig, activation_sharding, make_mesh, shard_batch, shard_params
+from posttrain.sharding import (
+    MeshConfig,
+    activation_sharding,
+    make_mesh,
+    place_on_mesh,
+    shard_batch,
+    shard_params,
+)
 from posttrain.stages.sft import sft_loss_terms
 from posttrain.train.step import init_state, make_train_step
 
@@ -61,3 +68,25 @@ def test_sharded_loss_and_step_equal_single_device(mesh_config):
         jax.tree.leaves(got_state.params), jax.tree.leaves(expected_state.params), strict=True
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_sharded_step_compiles_once():
+    # Counters and the RNG start on the default device unless placed; the step's outputs live on
+    # the mesh, so without `place_on_mesh` the second call would compile the step again.
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8, tensor=1))
+    params = shard_params(init_params(CONFIG, jax.random.key(0)), param_logical_axes(CONFIG), mesh)
+    optimizer = optax.adamw(1e-3)
+    step = make_train_step(sft_loss_terms(CONFIG, 128), optimizer)
+    state = place_on_mesh(init_state(params, optimizer, 0), mesh)
+    batch = shard_batch(_rows(), mesh)
+    compiles = []
+    listener = lambda event, seconds, **_: compiles.append(event)  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        with activation_sharding(mesh):
+            for _ in range(3):
+                state, metrics = step(state, batch)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert np.isfinite(float(metrics["loss"]))
+    assert compiles.count("/jax/core/compile/backend_compile_duration") == 1

@@ -7,6 +7,7 @@ the same `apply`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -144,9 +145,18 @@ def logits_from_hidden(config: ModelConfig, params: Params, hidden: Array) -> Ar
 
 def init_params(config: ModelConfig, rng: Array) -> Params:
     """Random parameters (plain arrays, logical annotations stripped)."""
-    tokens = jnp.zeros((1, 1), jnp.int32)
-    variables = Transformer(config).init(rng, tokens)
-    return nn.unbox(variables["params"])
+    return _compiled_init(config)(rng)
+
+
+@functools.cache
+def _compiled_init(config: ModelConfig):
+    # One compiled initialiser per config: run eagerly, Flax's init compiles every op separately
+    # (seconds per model on CPU).
+    def init(rng: Array) -> Params:
+        variables = Transformer(config).init(rng, jnp.zeros((1, 1), jnp.int32))
+        return nn.unbox(variables["params"])
+
+    return jax.jit(init)
 
 
 def abstract_params(config: ModelConfig) -> Params:

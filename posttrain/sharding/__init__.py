@@ -160,6 +160,23 @@ def shard_params(params: Any, logical_axes: Any, mesh: Mesh) -> Any:
     return jax.device_put(params, tree_shardings(logical_axes, params, mesh))
 
 
+def place_on_mesh(tree: Any, mesh: Mesh) -> Any:
+    """Leaves not yet laid out on `mesh` (step counters, RNG) replicated over it.
+
+    Otherwise the first call of a jitted step sees them on the default device and the second
+    sees its own mesh-placed outputs: two compilations of the same step.
+    """
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def put(x: Any) -> Any:
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(put, tree)
+
+
 def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Place [b, ...] arrays with the batch axis over (data, fsdp), the rest replicated."""
 

@@ -28,6 +28,7 @@ from posttrain.sharding import (
     activation_sharding,
     initialize_distributed,
     make_mesh,
+    place_on_mesh,
     shard_batch,
     shard_params,
 )
@@ -195,7 +196,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         tracker.log({f"train/{k}": v for k, v in metrics.items()}, step)
 
     result = run_training(
-        init_state(params, optimizer, cfg.seed),
+        place_on_mesh(init_state(params, optimizer, cfg.seed), mesh),
         step_fn,
         batches,
         checkpointer,
