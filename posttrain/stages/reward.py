@@ -97,12 +97,18 @@ def load_preference_splits(
 
 def probe_head(config: ModelConfig, backbone: Params, rows: PreferenceRows, pairs: int) -> Params:
     """A head fitted by a linear probe on the frozen backbone's features of the first pairs."""
-    features = jax.jit(lambda t, s: last_token_features(config, backbone, t, s))
+    features = _jitted_features(config)
     n = min(pairs, len(rows.chosen))
     return fit_linear_probe(
-        features(rows.chosen[:n], rows.chosen_segments[:n]),
-        features(rows.rejected[:n], rows.rejected_segments[:n]),
+        features(backbone, rows.chosen[:n], rows.chosen_segments[:n]),
+        features(backbone, rows.rejected[:n], rows.rejected_segments[:n]),
     )
+
+
+@functools.cache
+def _jitted_features(config: ModelConfig):
+    # Backbones are arguments, not constants: every probe of one config shares a compilation.
+    return jax.jit(lambda p, t, s: last_token_features(config, p, t, s))
 
 
 def pair_loss_terms(config: ModelConfig, center_coefficient: float, dropout: float = 0.0):
@@ -122,6 +128,16 @@ def pair_loss_terms(config: ModelConfig, center_coefficient: float, dropout: flo
     return loss_terms
 
 
+@functools.cache
+def _reward_train_step(
+    config: ModelConfig, optim: OptimConfig, center_coefficient: float, dropout: float
+):
+    # One compiled step per setting: WARM members and experiment arms that share one reuse it.
+    optimizer = make_optimizer(optim)
+    loss_terms = pair_loss_terms(config, center_coefficient, dropout)
+    return optimizer, make_train_step(loss_terms, optimizer, needs_rng=dropout > 0.0)
+
+
 def train_reward_model(
     config: ModelConfig,
     params: Params,
@@ -133,9 +149,7 @@ def train_reward_model(
     description: str = "reward",
 ) -> LoopResult:
     """Bradley-Terry training of backbone and head; resumes from `checkpoint_dir`."""
-    optimizer = make_optimizer(optim)
-    loss_terms = pair_loss_terms(config, stage.center_coefficient, stage.dropout)
-    step_fn = make_train_step(loss_terms, optimizer, needs_rng=stage.dropout > 0.0)
+    optimizer, step_fn = _reward_train_step(config, optim, stage.center_coefficient, stage.dropout)
     checkpointer = Checkpointer(checkpoint_dir)
     bar = tqdm(total=stage.steps, desc=description)
 
