@@ -34,19 +34,34 @@ class LayerCache(NamedTuple):
     values: Array
 
 
-def sequence_mask(segment_ids: Array, window: int | None) -> Array:
+def sequence_mask(
+    segment_ids: Array,
+    window: int | None,
+    positions: Array | None = None,
+    branch_ids: Array | None = None,
+) -> Array:
     """Mask [b, t, s] for attention within a sequence.
 
     Query i sees key j when j <= i, both are in the same non-padding segment (id > 0), and, with
     a window W, i - j < W (W keys including itself, as in both references).
+
+    With `branch_ids` [b, t] (and `positions`), one row holds a shared prefix (branch 0) followed
+    by continuations of it (branches 1, 2, ...): a key is seen from its own branch, or from any
+    branch when it is in the prefix, and the window is measured in positions, since each branch's
+    positions restart where the prefix ends.
     """
     length = segment_ids.shape[1]
     index = jnp.arange(length)
-    allowed = index[:, None] >= index[None, :]
-    if window is not None:
-        allowed &= index[:, None] - index[None, :] < window
+    allowed = (index[:, None] >= index[None, :])[None]
+    if branch_ids is not None:
+        key_branch = branch_ids[:, None, :]
+        allowed &= (key_branch == 0) | (key_branch == branch_ids[:, :, None])
+        if window is not None:
+            allowed &= positions[:, :, None] - positions[:, None, :] < window
+    elif window is not None:
+        allowed &= (index[:, None] - index[None, :] < window)[None]
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    return allowed[None] & same_segment & (segment_ids[:, None, :] > 0)
+    return allowed & same_segment & (segment_ids[:, None, :] > 0)
 
 
 def cache_mask(query_positions: Array, key_positions: Array, window: int | None) -> Array:
@@ -82,6 +97,7 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
         key_positions: Array | None = None,
         write_slot: Array | None = None,
+        branch_ids: Array | None = None,
     ) -> tuple[Array, LayerCache]:
         """Attend. Returns the output [b, t, d] and either this call's keys and values
         (sequence mode) or the updated cache (decode mode, when `cache` is given)."""
@@ -110,7 +126,7 @@ class Attention(nn.Module):
         if cache is None:
             if segment_ids is None:
                 segment_ids = jnp.ones(x.shape[:2], jnp.int32)
-            mask = sequence_mask(segment_ids, self.window)
+            mask = sequence_mask(segment_ids, self.window, positions, branch_ids)
             attended_keys, attended_values = key, value
             out_cache = LayerCache(key, value)
         else:

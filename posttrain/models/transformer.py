@@ -39,13 +39,14 @@ class Block(nn.Module):
         cache: LayerCache | None,
         key_positions: Array | None,
         write_slot: Array | None,
+        branch_ids: Array | None = None,
     ) -> tuple[Array, LayerCache]:
         """Apply the block to x [b, t, d]."""
         cfg = self.config
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         h = RMSNorm(**norm, name="pre_attention_norm")(x)
         attn_out, kv = Attention(cfg, self.attn_type, name="attn")(
-            h, positions, segment_ids, cache, key_positions, write_slot
+            h, positions, segment_ids, cache, key_positions, write_slot, branch_ids
         )
         if cfg.use_post_norms:
             attn_out = RMSNorm(**norm, name="post_attention_norm")(attn_out)
@@ -80,14 +81,19 @@ class Transformer(nn.Module):
         segment_ids: Array | None = None,
         cache: DecodeCache | None = None,
         compute_logits: bool = True,
+        branch_ids: Array | None = None,
     ) -> TransformerOutput:
         """Run the decoder.
 
         tokens, positions, segment_ids: [b, t] ints. Segment id 0 marks padding; tokens attend
         only within their segment. Without positions, they count up from 0 within each segment.
         With a `cache` (decode mode), t must be 1 and the updated cache is returned.
+        `branch_ids` [b, t] (with explicit positions) lays out a shared prefix and several
+        continuations of it in one row; see `sequence_mask`.
         """
         cfg = self.config
+        if branch_ids is not None and (positions is None or cache is not None):
+            raise ValueError("branch_ids need explicit positions and work without a cache")
         if positions is None:
             positions = positions_from_segments(
                 segment_ids if segment_ids is not None else jnp.ones_like(tokens)
@@ -111,7 +117,7 @@ class Transformer(nn.Module):
                 )
                 write_slot = cache.index % key_positions.shape[1]
             x, kv = block_cls(cfg, attn_type, name=f"layer_{i}")(
-                x, positions, segment_ids, layer_cache, key_positions, write_slot
+                x, positions, segment_ids, layer_cache, key_positions, write_slot, branch_ids
             )
             keys_values.append(kv)
         hidden = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)

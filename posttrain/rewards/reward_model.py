@@ -18,6 +18,7 @@ import optax
 from safetensors.numpy import load_file, save_file
 
 from posttrain.checkpoints import load_hf, save_hf
+from posttrain.data.shared_prompt import SharedPromptPairs
 from posttrain.losses.bradley_terry import bradley_terry_loss
 from posttrain.models import ModelConfig, Transformer
 
@@ -57,10 +58,38 @@ def reward_scores(
     With a key and a rate > 0, inverted dropout on the head's input features (training only).
     """
     features = last_token_features(config, params["backbone"], tokens, segment_ids)
+    return _apply_head(params["head"], features, dropout_rate, dropout_key)
+
+
+def shared_prompt_rewards(
+    config: ModelConfig,
+    params: Params,
+    pairs: SharedPromptPairs,
+    dropout_rate: float = 0.0,
+    dropout_key: Array | None = None,
+) -> tuple[Array, Array]:
+    """(chosen, rejected) rewards [b] of shared-prefix pair rows: one forward for both sides."""
+    out = Transformer(config).apply(
+        {"params": params["backbone"]},
+        pairs.tokens,
+        pairs.positions,
+        pairs.segments,
+        compute_logits=False,
+        branch_ids=pairs.branches,
+    )
+    features = jnp.take_along_axis(out.hidden, pairs.last[:, :, None], axis=1)
+    rewards = _apply_head(params["head"], features.astype(jnp.float32), dropout_rate, dropout_key)
+    return rewards[:, 0], rewards[:, 1]
+
+
+def _apply_head(
+    head: Params, features: Array, dropout_rate: float, dropout_key: Array | None
+) -> Array:
+    # Inverted dropout on the features (training only), then the linear head.
     if dropout_key is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, features.shape)
         features = jnp.where(keep, features / (1.0 - dropout_rate), 0.0)
-    return features @ params["head"]["w"] + params["head"]["b"]
+    return features @ head["w"] + head["b"]
 
 
 def save_reward_model(config: ModelConfig, params: Params, directory: str | Path) -> Path:

@@ -24,6 +24,7 @@ from posttrain.checkpoints import load_hf
 from posttrain.data.preferences import PreferenceRows, PreferenceStats, build_preferences
 from posttrain.data.prompts import load_rows
 from posttrain.data.sft import BatchIterator
+from posttrain.data.shared_prompt import SharedPromptPairs, share_prompts
 from posttrain.losses.bradley_terry import bradley_terry_loss, preference_metrics
 from posttrain.models import ModelConfig
 from posttrain.rewards.reward_model import (
@@ -32,6 +33,7 @@ from posttrain.rewards.reward_model import (
     last_token_features,
     reward_scores,
     save_reward_model,
+    shared_prompt_rewards,
 )
 from posttrain.tokenizer import GemmaTokenizer
 from posttrain.tracking import Tracker
@@ -62,6 +64,9 @@ class RewardConfig:
     dropout: float = 0.0  # on the head's input features, training only
     linear_probe: bool = True  # fit the head on frozen features before training
     probe_pairs: int = 256
+    share_prompts: bool = (
+        True  # train on each pair's common prefix once (same rewards, fewer tokens)
+    )
     seed: int = 0
 
 
@@ -114,14 +119,17 @@ def _jitted_features(config: ModelConfig):
 def pair_loss_terms(config: ModelConfig, center_coefficient: float, dropout: float = 0.0):
     """(params, pair batch[, key]) -> (summed BT loss, number of pairs); a key iff dropout > 0."""
 
-    def loss_terms(params, batch: PreferenceRows, key=None):
-        keys = (None, None) if key is None else tuple(jax.random.split(key))
-        chosen = reward_scores(
-            config, params, batch.chosen, batch.chosen_segments, dropout, keys[0]
-        )
-        rejected = reward_scores(
-            config, params, batch.rejected, batch.rejected_segments, dropout, keys[1]
-        )
+    def loss_terms(params, batch: PreferenceRows | SharedPromptPairs, key=None):
+        if isinstance(batch, SharedPromptPairs):
+            chosen, rejected = shared_prompt_rewards(config, params, batch, dropout, key)
+        else:
+            keys = (None, None) if key is None else tuple(jax.random.split(key))
+            chosen = reward_scores(
+                config, params, batch.chosen, batch.chosen_segments, dropout, keys[0]
+            )
+            rejected = reward_scores(
+                config, params, batch.rejected, batch.rejected_segments, dropout, keys[1]
+            )
         losses = bradley_terry_loss(chosen, rejected, batch.margin, batch.label, center_coefficient)
         return jnp.sum(losses), jnp.float32(losses.shape[0])
 
@@ -163,7 +171,9 @@ def train_reward_model(
         return run_training(
             init_state(params, optimizer, stage.seed),
             step_fn,
-            BatchIterator(rows, stage.batch_size, stage.seed),
+            BatchIterator(
+                share_prompts(rows) if stage.share_prompts else rows, stage.batch_size, stage.seed
+            ),
             checkpointer,
             stage.steps,
             stage.save_every,

@@ -72,6 +72,7 @@ class WarmConfig:
     center_coefficient: float = 0.0
     linear_probe: bool = True
     probe_pairs: int = 256
+    share_prompts: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
