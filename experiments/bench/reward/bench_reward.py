@@ -2,7 +2,8 @@
 
 Measured: full fine-tuning of a Gemma 2 backbone plus a scalar head with the Bradley-Terry loss,
 float32, AdamW (lr 1e-5, global-norm clipping 1.0, no weight decay), B=8 pairs of T=128 tokens
-per side (random token ids, every row full length, so neither side pads), on the CPU.
+per side (random token ids, every row full length, so neither side pads), on the CPU. Each shape
+runs twice: sides drawn independently, and sides sharing their first T/2 tokens (a prompt).
 
 - posttrain: `pair_loss_terms` of `posttrain/stages/reward.py` in `make_train_step`, the same
   jitted step the `reward` stage runs, on a `PreferenceRows` batch; metrics are fetched after
@@ -49,6 +50,8 @@ from experiments.bench.common import prepend_results
 BATCH, LENGTH, WARM, TIMED = 8, 128, 5, 30
 LEARNING_RATE = 1e-5
 SHAPES = ("bench_gemma2_4l", "tiny_gemma2")
+# Tokens both sides of a pair share: none (independent rows), or half of each side.
+PROMPTS = (0, LENGTH // 2)
 SIDES = ("posttrain", "trl")
 QUIET_LOAD = 0.5  # 1-minute load average under which a side may start
 BUSY_OTHERS = 0.5  # cores used by other processes above which a row is marked †
@@ -56,11 +59,13 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "# Reward-model training throughput: posttrain vs TRL RewardTrainer\n\n"
 
 
-def pair_tokens(vocab: int, pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chosen and rejected token rows [pairs, T]: random ids in [3, vocab), no padding."""
+def pair_tokens(vocab: int, pairs: int, prompt: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen and rejected rows [pairs, T] of random ids in [3, vocab), no padding; the first
+    `prompt` tokens of both sides are the same (the prompt both responses answer)."""
     rng = np.random.default_rng(0)
     chosen = rng.integers(3, vocab, (pairs, LENGTH)).astype(np.int32)
     rejected = rng.integers(3, vocab, (pairs, LENGTH)).astype(np.int32)
+    rejected[:, :prompt] = chosen[:, :prompt]
     return chosen, rejected
 
 
@@ -74,11 +79,13 @@ def step_times(stamps: list[float]) -> dict[str, float]:
     }
 
 
-def posttrain_worker(shape: str) -> list[float]:
-    """End-of-step stamps of WARM + TIMED steps of posttrain's reward train step."""
+def posttrain_worker(shape: str, prompt: int) -> list[float]:
+    """End-of-step stamps of WARM + TIMED steps of posttrain's reward train step; with a shared
+    prompt, on shared-prompt rows as the reward stage trains by default."""
     import jax
 
     from posttrain.data.preferences import PreferenceRows
+    from posttrain.data.shared_prompt import share_prompts
     from posttrain.models import get_preset, init_params
     from posttrain.rewards.reward_model import init_head
     from posttrain.stages.reward import pair_loss_terms
@@ -86,11 +93,13 @@ def posttrain_worker(shape: str) -> list[float]:
     from posttrain.train.step import init_state, make_train_step
 
     config = get_preset(shape)
-    chosen, rejected = pair_tokens(config.vocab_size, BATCH)
+    chosen, rejected = pair_tokens(config.vocab_size, BATCH, prompt)
     ones = np.ones_like(chosen)
     batch = PreferenceRows(
         chosen, ones, rejected, ones, np.zeros(BATCH, np.float32), np.ones(BATCH, np.float32)
     )
+    if prompt:
+        batch = share_prompts(batch)
     optim = OptimConfig(lr=LEARNING_RATE, schedule="constant", total_steps=WARM + TIMED)
     optimizer = make_optimizer(optim)
     params = {"backbone": init_params(config, jax.random.key(0)), "head": init_head(config)}
@@ -133,7 +142,7 @@ def gemma2_config(config: Any) -> Any:
     )
 
 
-def trl_worker(shape: str, directory: Path) -> list[float]:
+def trl_worker(shape: str, prompt: int, directory: Path) -> list[float]:
     """End-of-step stamps of WARM + TIMED steps of TRL's RewardTrainer on transformers' Gemma 2."""
     import datasets
     import torch
@@ -147,7 +156,7 @@ def trl_worker(shape: str, directory: Path) -> list[float]:
     torch.manual_seed(0)
     config = get_preset(shape)
     model = transformers.Gemma2ForSequenceClassification(gemma2_config(config))
-    chosen, rejected = pair_tokens(config.vocab_size, BATCH * (WARM + TIMED))
+    chosen, rejected = pair_tokens(config.vocab_size, BATCH * (WARM + TIMED), prompt)
     dataset = datasets.Dataset.from_dict(
         {"chosen_ids": chosen.tolist(), "rejected_ids": rejected.tolist()}
     )
@@ -221,11 +230,12 @@ def wait_for_quiet(max_wait: float) -> float:
     return load
 
 
-def run_side(side: str, shape: str, max_wait: float) -> dict[str, Any]:
+def run_side(side: str, shape: str, prompt: int, max_wait: float) -> dict[str, Any]:
     """One side in a fresh process, with the load around it; 'error' is set if it failed."""
     load_before = wait_for_quiet(max_wait)
     busy, children, start = cpu_busy_seconds(), children_cpu_seconds(), time.monotonic()
     command = [sys.executable, __file__, "--worker", side, "--shape", shape]
+    command += ["--prompt", str(prompt)]
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.monotonic() - start
     others = (cpu_busy_seconds() - busy - (children_cpu_seconds() - children)) / wall
@@ -261,11 +271,12 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """Markdown rows: tok/s of each side, the ratio, and the load around each side."""
     tokens = 2 * BATCH * LENGTH
     lines = [
-        "| shape | posttrain tok/s | TRL RewardTrainer tok/s | posttrain / TRL | "
-        "median-step ratio | load before→after (others' cores): posttrain; TRL |",
-        "|---|---|---|---|---|---|",
+        "| shape | shared prompt tokens | posttrain tok/s | TRL RewardTrainer tok/s | "
+        "posttrain / TRL | median-step ratio | load before→after (others' cores): posttrain; TRL |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for shape, sides in results.items():
+    for case, sides in results.items():
+        shape, prompt = case.split("@")
         cells, loads = [], []
         for side in SIDES:
             r = sides[side]
@@ -277,7 +288,8 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
         ratio = f"**{t['difference'] / p['difference']:.2f}x**" if ok else "—"
         median = f"{t['median'] / p['median']:.2f}x" if ok else "—"
         lines.append(
-            f"| {shape} | {cells[0]} | {cells[1]} | {ratio} | {median} | {'; '.join(loads)} |"
+            f"| {shape} | {prompt} | {cells[0]} | {cells[1]} | {ratio} | {median} "
+            f"| {'; '.join(loads)} |"
         )
     return lines
 
@@ -287,6 +299,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--shape", action="append", help="preset(s) to run (default: all)")
+    parser.add_argument(
+        "--prompt", type=int, action="append", help=f"shared prompt tokens (default: {PROMPTS})"
+    )
     parser.add_argument("--max-wait", type=float, default=600, help="s to wait for load < 0.5")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
@@ -294,19 +309,21 @@ def main() -> None:
         import tempfile
 
         with tempfile.TemporaryDirectory() as directory:
-            shape = args.shape[0]
+            shape, prompt = args.shape[0], args.prompt[0]
             stamps = (
-                posttrain_worker(shape)
+                posttrain_worker(shape, prompt)
                 if args.worker == "posttrain"
-                else trl_worker(shape, Path(directory))
+                else trl_worker(shape, prompt, Path(directory))
             )
         print(json.dumps(stamps))
         return
 
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for shape in args.shape or SHAPES:
-        results[shape] = {side: run_side(side, shape, args.max_wait) for side in SIDES}
-        print(shape, json.dumps(results[shape]), flush=True)
+        for prompt in args.prompt or PROMPTS:
+            case = f"{shape}@{prompt}"
+            results[case] = {side: run_side(side, shape, prompt, args.max_wait) for side in SIDES}
+            print(case, json.dumps(results[case]), flush=True)
     lines = [
         f"## {datetime.date.today().isoformat()} — CPU ({os.cpu_count()} cores), float32, "
         f"B={BATCH} pairs, T={LENGTH} per side, AdamW lr {LEARNING_RATE:g}, full fine-tuning",
@@ -319,7 +336,8 @@ def main() -> None:
         "this job; the median-step column is TRL's median step / posttrain's",
         "- TRL: `Gemma2ForSequenceClassification` (eager attention), `RewardConfig(bf16=False, "
         "gradient_checkpointing=False)`, torch threads = cores; posttrain: `pair_loss_terms` in "
-        "`make_train_step`, remat off",
+        "`make_train_step`, remat off; with a shared prompt, posttrain trains on shared-prompt "
+        "rows (`share_prompts`, the reward stage's default), TRL on the same two full sides",
         f"- † = taken under load: 1-min load average ≥ {QUIET_LOAD} before the side, or other "
         f"processes used > {BUSY_OTHERS} cores while it ran (the load after includes the side)",
         "- command: `.venv-bench/bin/python experiments/bench/reward/bench_reward.py`",
