@@ -10,6 +10,7 @@ from scipy import stats
 from posttrain.models import forward, get_preset, init_params
 from posttrain.sampling import SamplingConfig, process_logits, sample
 from posttrain.sampling import sampler as sampler_module
+from posttrain.sampling.processors import first_argmax
 
 CONFIG = get_preset("tiny_gemma2", sliding_window=6)
 _forward = jax.jit(forward, static_argnums=0)
@@ -159,3 +160,10 @@ def test_bisection_filters_equal_a_full_sort(k, p):
     logits = np.asarray(jax.random.normal(jax.random.key(k), (6, 257)) * 3, np.float32)
     got = np.asarray(process_logits(jnp.asarray(logits), 1.0, k, p))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(_sorted_reference(logits, k, p)))
+
+
+def test_first_argmax_equals_argmax_with_ties():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 4, (64, 50)).astype(np.float32)  # many ties: the first index must win
+    x[3] = -np.inf
+    np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain.models import ModelConfig, decode_step, prefill
-from posttrain.sampling.processors import process_logits, token_log_probs
+from posttrain.sampling.processors import first_argmax, process_logits, token_log_probs
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -136,9 +136,10 @@ def generate(
     def one_token(s: _LoopState) -> _LoopState:
         rng, key = jax.random.split(s.rng)
         processed = process_logits(s.logits, temperature, top_k, top_p)
-        sampled = jax.random.categorical(key, processed, axis=-1)
+        # Gumbel-max sampling, as jax.random.categorical does, with a faster argmax.
+        sampled = first_argmax(processed + jax.random.gumbel(key, processed.shape))
         greedy = temperature <= 0
-        token = jnp.where(greedy, jnp.argmax(s.logits, axis=-1), sampled).astype(jnp.int32)
+        token = jnp.where(greedy, first_argmax(s.logits), sampled).astype(jnp.int32)
         token = jnp.where(s.finished, PAD_ID, token)
         active = ~s.finished
         model_lp = jnp.where(active, token_log_probs(s.logits, token), 0.0)
