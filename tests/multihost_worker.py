@@ -18,6 +18,7 @@ from posttrain.sharding import (  # noqa: E402
     initialize_distributed,
     logical_to_spec,
     make_mesh,
+    place_on_mesh,
     tree_shardings,
 )
 from posttrain.stages.sft import sft_loss_terms  # noqa: E402
@@ -50,8 +51,12 @@ def main() -> None:
     batch = tuple(global_array(x) for x in (tokens, mask, segments))
     with activation_sharding(mesh):
         loss_sum, count = jax.jit(sft_loss_terms(config, 128))(params, batch)
+    # The SFT stage replicates counters over the mesh before its first step; across hosts too.
+    step = place_on_mesh(jax.numpy.zeros((), jax.numpy.int32), mesh)
+    next_step = int(jax.jit(lambda s: s + 1)(step))
     print(json.dumps({"process": jax.process_index(), "devices": jax.device_count(),
-                      "loss_sum": float(loss_sum), "count": float(count)}))  # fmt: skip
+                      "loss_sum": float(loss_sum), "count": float(count),
+                      "next_step": next_step, "step_devices": len(step.sharding.device_set)}))  # fmt: skip
 
 
 if __name__ == "__main__":

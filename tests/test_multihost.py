@@ -46,6 +46,7 @@ def test_two_process_job_matches_one_process():
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(r["process"] for r in results) == [0, 1]
     assert all(r["devices"] == 8 for r in results)
+    assert all(r["next_step"] == 1 and r["step_devices"] == 8 for r in results)
 
     config = get_preset("tiny_gemma2", num_heads=8, num_kv_heads=4, hidden_dim=256)
     rng = np.random.default_rng(0)
