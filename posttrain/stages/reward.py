@@ -64,9 +64,8 @@ class RewardConfig:
     dropout: float = 0.0  # on the head's input features, training only
     linear_probe: bool = True  # fit the head on frozen features before training
     probe_pairs: int = 256
-    share_prompts: bool = (
-        True  # train on each pair's common prefix once (same rewards, fewer tokens)
-    )
+    # Train on each pair's common prefix once: same rewards, fewer tokens.
+    share_prompts: bool = True
     seed: int = 0
 
 
