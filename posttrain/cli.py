@@ -69,6 +69,12 @@ def main(cfg: DictConfig) -> None:
     """Entry point of the `posttrain` console command."""
     import absl.logging
 
+    from posttrain.host_memory import configure_host_allocator
+
+    if cfg.host_allocator not in ("reuse", "default"):
+        raise ValueError(f"host_allocator must be 'reuse' or 'default', got {cfg.host_allocator!r}")
+    if cfg.host_allocator == "reuse":
+        configure_host_allocator()  # before JAX starts its threads
     absl.logging.set_verbosity("warning")  # Orbax narrates every save at INFO
     if cfg.recipe:
         run_recipe(cfg)

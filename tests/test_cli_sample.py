@@ -78,3 +78,9 @@ def test_missing_required_value_is_named(tmp_path):
     result = posttrain("stage=sample", cwd=tmp_path)
     assert result.returncode != 0
     assert "stage.checkpoint" in result.stderr
+
+
+def test_unknown_host_allocator_is_named(tmp_path):
+    result = posttrain("stage=sample", "host_allocator=jemalloc", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "host_allocator" in result.stderr and "jemalloc" in result.stderr

@@ -12,7 +12,9 @@ runs twice: sides drawn independently, and sides sharing their first T/2 tokens 
   eager attention) built from a `Gemma2Config` with the preset's dimensions, on a pre-tokenized
   dataset of `chosen_ids` / `rejected_ids`. TRL's defaults of `bf16=True` and
   `gradient_checkpointing=True` are turned off so that both sides do the same float32 work
-  without recomputation (posttrain's presets have `remat=False`).
+  without recomputation (posttrain's presets have `remat=False`). TRL runs twice: with glibc's
+  default allocator, and with the host allocator setting that the `posttrain` command applies
+  (`posttrain/host_memory.py`), so the gain from that setting is shown apart.
 
 Each side runs in its own process of this job and stamps the end of every step; a side's step
 time is (time of WARM + TIMED steps - time of WARM steps) / TIMED, so compilation, start-up and
@@ -52,7 +54,10 @@ LEARNING_RATE = 1e-5
 SHAPES = ("bench_gemma2_4l", "tiny_gemma2")
 # Tokens both sides of a pair share: none (independent rows), or half of each side.
 PROMPTS = (0, LENGTH // 2)
-SIDES = ("posttrain", "trl")
+# TRL runs twice: with glibc's default allocator, as it runs out of the box, and with the host
+# allocator setting the `posttrain` command applies (posttrain/host_memory.py), for a
+# comparison on equal allocators.
+SIDES = ("posttrain", "trl", "trl_host_allocator")
 QUIET_LOAD = 0.5  # 1-minute load average under which a side may start
 BUSY_OTHERS = 0.5  # cores used by other processes above which a row is marked †
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -268,12 +273,13 @@ def cpu_name() -> str:
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
-    """Markdown rows: tok/s of each side, the ratio, and the load around each side."""
+    """Markdown rows: tok/s of each side, the ratios, and the load around each side."""
     tokens = 2 * BATCH * LENGTH
     lines = [
-        "| shape | shared prompt tokens | posttrain tok/s | TRL RewardTrainer tok/s | "
-        "posttrain / TRL | median-step ratio | load before→after (others' cores): posttrain; TRL |",
-        "|---|---|---|---|---|---|---|",
+        "| shape | shared prompt tokens | posttrain tok/s | TRL tok/s | TRL tok/s, same allocator "
+        "| posttrain / TRL | posttrain / TRL, same allocator | median-step ratios "
+        "| load before→after (others' cores): posttrain; TRL; TRL same allocator |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for case, sides in results.items():
         shape, prompt = case.split("@")
@@ -283,13 +289,16 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
             mark = " †" if under_load(r) else ""
             cells.append("failed" if "error" in r else f"{tokens / r['difference']:.0f}{mark}")
             loads.append(f"{r['load_before']:.2f}→{r['load_after']:.2f} ({r['others']:.2f})")
-        ok = all("error" not in sides[side] for side in SIDES)
-        p, t = sides["posttrain"], sides["trl"]
-        ratio = f"**{t['difference'] / p['difference']:.2f}x**" if ok else "—"
-        median = f"{t['median'] / p['median']:.2f}x" if ok else "—"
+        p = sides["posttrain"]
+        ratios, medians = [], []
+        for side in SIDES[1:]:
+            t = sides[side]
+            ok = "error" not in p and "error" not in t
+            ratios.append(f"**{t['difference'] / p['difference']:.2f}x**" if ok else "—")
+            medians.append(f"{t['median'] / p['median']:.2f}x" if ok else "—")
         lines.append(
-            f"| {shape} | {prompt} | {cells[0]} | {cells[1]} | {ratio} | {median} "
-            f"| {'; '.join(loads)} |"
+            f"| {shape} | {prompt} | {' | '.join(cells)} | {' | '.join(ratios)} "
+            f"| {' / '.join(medians)} | {'; '.join(loads)} |"
         )
     return lines
 
@@ -307,6 +316,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         import tempfile
+
+        if args.worker != "trl":  # as the `posttrain` command does (host_allocator=reuse)
+            from posttrain.host_memory import configure_host_allocator
+
+            assert configure_host_allocator(), "the host allocator setting did not apply"
 
         with tempfile.TemporaryDirectory() as directory:
             shape, prompt = args.shape[0], args.prompt[0]
@@ -338,6 +352,9 @@ def main() -> None:
         "gradient_checkpointing=False)`, torch threads = cores; posttrain: `pair_loss_terms` in "
         "`make_train_step`, remat off; with a shared prompt, posttrain trains on shared-prompt "
         "rows (`share_prompts`, the reward stage's default), TRL on the same two full sides",
+        "- allocator: posttrain runs with the host allocator setting the `posttrain` command applies "
+        "(`posttrain/host_memory.py`); TRL runs once with glibc's defaults and once with the "
+        "same setting (the 'same allocator' columns)",
         f"- † = taken under load: 1-min load average ≥ {QUIET_LOAD} before the side, or other "
         f"processes used > {BUSY_OTHERS} cores while it ran (the load after includes the side)",
         "- command: `.venv-bench/bin/python experiments/bench/reward/bench_reward.py`",
