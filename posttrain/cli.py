@@ -64,6 +64,28 @@ def run_stage(cfg: DictConfig) -> dict[str, Any]:
     return metrics
 
 
+# Stages whose time is in train steps: they gain from reused host memory (posttrain/host_memory.py).
+TRAINING_STAGES = frozenset({"sft", "reward", "warm"})
+HOST_ALLOCATORS = ("auto", "reuse", "default")
+
+
+def reuses_host_memory(cfg: DictConfig) -> bool:
+    """Whether this run sets the host allocator to reuse freed memory: `auto` does so when the
+    run (or any stage of its recipe) trains; decoding is dispatch-bound and runs ~14% slower
+    with it (one malloc arena for all threads), training steps 30-40% faster."""
+    if cfg.host_allocator not in HOST_ALLOCATORS:
+        raise ValueError(
+            f"host_allocator must be one of {HOST_ALLOCATORS}, got {cfg.host_allocator!r}"
+        )
+    if cfg.host_allocator != "auto":
+        return cfg.host_allocator == "reuse"
+    if cfg.recipe:
+        from posttrain.pipeline import load_recipe
+
+        return any(stage["type"] in TRAINING_STAGES for stage in load_recipe(cfg.recipe)["stages"])
+    return cfg.stage.name in TRAINING_STAGES
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     """Entry point of the `posttrain` console command."""
@@ -71,9 +93,7 @@ def main(cfg: DictConfig) -> None:
 
     from posttrain.host_memory import configure_host_allocator
 
-    if cfg.host_allocator not in ("reuse", "default"):
-        raise ValueError(f"host_allocator must be 'reuse' or 'default', got {cfg.host_allocator!r}")
-    if cfg.host_allocator == "reuse":
+    if reuses_host_memory(cfg):
         configure_host_allocator()  # before JAX starts its threads
     absl.logging.set_verbosity("warning")  # Orbax narrates every save at INFO
     if cfg.recipe:

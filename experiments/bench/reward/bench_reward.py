@@ -317,7 +317,7 @@ def main() -> None:
     if args.worker:
         import tempfile
 
-        if args.worker != "trl":  # as the `posttrain` command does (host_allocator=reuse)
+        if args.worker != "trl":  # as `posttrain stage=reward` does (host_allocator=auto)
             from posttrain.host_memory import configure_host_allocator
 
             assert configure_host_allocator(), "the host allocator setting did not apply"
@@ -352,7 +352,7 @@ def main() -> None:
         "gradient_checkpointing=False)`, torch threads = cores; posttrain: `pair_loss_terms` in "
         "`make_train_step`, remat off; with a shared prompt, posttrain trains on shared-prompt "
         "rows (`share_prompts`, the reward stage's default), TRL on the same two full sides",
-        "- allocator: posttrain runs with the host allocator setting the `posttrain` command applies "
+        "- allocator: posttrain runs with the host allocator setting `posttrain stage=reward` applies "
         "(`posttrain/host_memory.py`); TRL runs once with glibc's defaults and once with the "
         "same setting (the 'same allocator' columns)",
         f"- † = taken under load: 1-min load average ≥ {QUIET_LOAD} before the side, or other "

@@ -3,8 +3,10 @@
 Same shapes (the 4-layer Gemma 2 shape and the ~30M one), B=8, T=128, float32, AdamW, full
 fine-tuning on random token rows whose second half is the trained answer. Each side runs in its
 own process of this job; a side's step time is (time of 3 + N steps - time of 3 steps) / N, so
-compilation and start-up cancel out. Needs the benchmark environment (`make bench-env`, which
-also has trl).
+compilation and start-up cancel out. posttrain runs with the host allocator setting that
+`posttrain stage=sft` applies (`posttrain/host_memory.py`); Tunix and TRL run once with glibc's
+defaults, as they run out of the box, and once with the same setting ("same allocator"). Needs
+the benchmark environment (`make bench-env`, which also has trl).
 
     .venv-bench/bin/python experiments/bench/sft/bench_sft.py
 """
@@ -142,7 +144,15 @@ def trl_worker(shape: str, steps: int, directory: Path) -> float:
     return time.perf_counter() - start
 
 
-WORKERS = {"posttrain": posttrain_worker, "tunix": tunix_worker, "trl": trl_worker}
+WORKERS = {
+    "posttrain": posttrain_worker,
+    "tunix": tunix_worker,
+    "trl": trl_worker,
+    "tunix_host_allocator": tunix_worker,
+    "trl_host_allocator": trl_worker,
+}
+# Sides that run with posttrain's host allocator setting, set before anything else.
+REUSING_HOST_MEMORY = ("posttrain", "tunix_host_allocator", "trl_host_allocator")
 
 
 def seconds_per_step(side: str, shape: str, directory: Path) -> float | None:
@@ -169,6 +179,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.worker:
+        if args.worker in REUSING_HOST_MEMORY:
+            from posttrain.host_memory import configure_host_allocator
+
+            assert configure_host_allocator(), "the host allocator setting did not apply"
         seconds = WORKERS[args.worker](args.shape, args.steps, args.directory)
         print(json.dumps({"seconds": seconds}))
         return
@@ -187,18 +201,26 @@ def main() -> None:
         f"- tokens/s from (time of {WARM + TIMED} steps - time of {WARM}) / {TIMED}, each side "
         "in fresh processes of this job",
         "- command: `.venv-bench/bin/python experiments/bench/sft/bench_sft.py`",
+        "- posttrain with the host allocator setting of `posttrain stage=sft`; Tunix and TRL with "
+        "glibc's defaults, and with the same setting in the 'same allocator' columns",
         "",
-        "| shape | posttrain tok/s | Tunix PeftTrainer tok/s | TRL SFTTrainer tok/s | vs Tunix | vs TRL |",
-        "|---|---|---|---|---|---|",
+        "| shape | posttrain tok/s | Tunix PeftTrainer tok/s | TRL SFTTrainer tok/s "
+        "| Tunix, same allocator | TRL, same allocator | vs Tunix | vs TRL "
+        "| vs Tunix, same allocator | vs TRL, same allocator |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape in SHAPES:
         config = get_preset(shape)
         with tempfile.TemporaryDirectory() as directory:
             save_hf(config, init_params(config, jax.random.key(0)), directory)
             s = {side: seconds_per_step(side, shape, Path(directory)) for side in WORKERS}
+        peers = ("tunix", "trl", "tunix_host_allocator", "trl_host_allocator")
         lines.append(
-            f"| {shape} | {fmt(s['posttrain'])} | {fmt(s['tunix'])} | {fmt(s['trl'])} | "
-            f"{ratio(s['posttrain'], s['tunix'])} | {ratio(s['posttrain'], s['trl'])} |"
+            f"| {shape} | {fmt(s['posttrain'])} | "
+            + " | ".join(fmt(s[p]) for p in peers)
+            + " | "
+            + " | ".join(ratio(s["posttrain"], s[p]) for p in peers)
+            + " |"
         )
         print(lines[-1], flush=True)
     section = "\n".join(lines) + "\n"
