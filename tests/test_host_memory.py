@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(
 BUFFER_BYTES = 64 << 20  # above glibc's largest mmap threshold (32 MB)
 
 # Calls a jitted function whose scratch buffer holds one 64 MB intermediate (a transposed
-# copy), and reports the minor page faults per call after 20 warm-up calls (glibc's heap settles in a few).
+# copy) and reports the minor page faults per call after 20 warm-up calls (glibc's heap
+# settles within a few).
 _SCRIPT = f"""
 import json, resource, sys
 from posttrain.host_memory import configure_host_allocator
