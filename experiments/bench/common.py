@@ -21,6 +21,15 @@ def median_seconds(run: Callable[[], object], iters: int, warmup: int = 1) -> fl
     return statistics.median(times)
 
 
+def reuse_host_memory() -> None:
+    """Apply the host allocator setting of posttrain's training runs to this worker process, or
+    fail: a side labelled with the setting must not silently run without it."""
+    from posttrain.host_memory import configure_host_allocator
+
+    if not configure_host_allocator():
+        raise RuntimeError("the host allocator setting did not apply (glibc on Linux only)")
+
+
 def prepend_results(path: Path, header: str, section: str) -> None:
     """Write `section` under `header` at the top of a results file, keeping earlier runs."""
     previous = path.read_text().removeprefix(header) if path.exists() else ""

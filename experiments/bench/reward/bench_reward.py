@@ -47,7 +47,7 @@ import numpy as np
 
 # Scripts run by path: make `experiments.bench.common` importable from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from experiments.bench.common import prepend_results
+from experiments.bench.common import prepend_results, reuse_host_memory
 
 BATCH, LENGTH, WARM, TIMED = 8, 128, 5, 30
 LEARNING_RATE = 1e-5
@@ -318,9 +318,7 @@ def main() -> None:
         import tempfile
 
         if args.worker != "trl":  # as `posttrain stage=reward` does (host_allocator=auto)
-            from posttrain.host_memory import configure_host_allocator
-
-            assert configure_host_allocator(), "the host allocator setting did not apply"
+            reuse_host_memory()
 
         with tempfile.TemporaryDirectory() as directory:
             shape, prompt = args.shape[0], args.prompt[0]

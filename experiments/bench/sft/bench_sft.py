@@ -27,7 +27,7 @@ import numpy as np
 
 # Scripts run by path: make `experiments.bench.common` importable from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from experiments.bench.common import prepend_results, tunix_gemma
+from experiments.bench.common import prepend_results, reuse_host_memory, tunix_gemma
 
 BATCH, LENGTH, WARM, TIMED = 8, 128, 3, 10
 SHAPES = ("bench_gemma2_4l", "bench_gemma2_30m")
@@ -180,9 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         if args.worker in REUSING_HOST_MEMORY:
-            from posttrain.host_memory import configure_host_allocator
-
-            assert configure_host_allocator(), "the host allocator setting did not apply"
+            reuse_host_memory()
         seconds = WORKERS[args.worker](args.shape, args.steps, args.directory)
         print(json.dumps({"seconds": seconds}))
         return
