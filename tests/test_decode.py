@@ -98,5 +98,6 @@ def test_local_cache_is_window_sized():
     window, kv, head = config.sliding_window, config.num_kv_heads, config.head_dim
     for attn_type, layer in zip(config.layer_types, cache.layers, strict=True):
         slots = window if attn_type == "local" else 100
-        assert layer.keys.shape == layer.values.shape == (3, slots, kv, head)
+        assert layer.keys.shape == (3, kv, head, slots)
+        assert layer.values.shape == (3, kv, slots, head)
     assert cache.local_positions.shape == (3, window)

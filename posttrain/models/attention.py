@@ -28,7 +28,12 @@ MASK_VALUE = -2.3819763e38
 
 
 class LayerCache(NamedTuple):
-    """Keys and values of one layer in cache slots: [b, c, k, h] each."""
+    """Keys and values of one layer.
+
+    In a decoding cache, keys are [b, k, h, c] and values [b, k, c, h] over c slots: the layouts
+    the two per-step products read without a copy (XLA otherwise re-lays out every layer's whole
+    cache each step). Sequence mode returns a call's own keys and values as [b, t, k, h].
+    """
 
     keys: Array
     values: Array
@@ -135,15 +140,19 @@ class Attention(nn.Module):
             # Writing before attending is safe for one token: the slot it overwrites held the
             # key `window` steps back, which this query no longer sees.
             attended_keys = jax.lax.dynamic_update_slice_in_dim(
-                cache.keys, key.astype(cache.keys.dtype), write_slot, axis=1
+                cache.keys, key.astype(cache.keys.dtype).transpose(0, 2, 3, 1), write_slot, axis=3
             )
             attended_values = jax.lax.dynamic_update_slice_in_dim(
-                cache.values, value.astype(cache.values.dtype), write_slot, axis=1
+                cache.values,
+                value.astype(cache.values.dtype).transpose(0, 2, 1, 3),
+                write_slot,
+                axis=2,
             )
             mask = cache_mask(positions, key_positions, self.window)
             out_cache = LayerCache(attended_keys, attended_values)
 
-        encoded = _attend(query, attended_keys, attended_values, mask, cfg.attn_logit_softcap)
+        attend = _attend if cache is None else _attend_cached
+        encoded = attend(query, attended_keys, attended_values, mask, cfg.attn_logit_softcap)
         encoded = constrain(encoded, ("act_batch", "act_length", "act_heads", None))
         out = Einsum((n, h, d), ("heads", "head_dim", "embed"), pdt, name="attn_vec_einsum")(
             "btnh,nhd->btd", encoded
@@ -156,8 +165,6 @@ def _attend(query: Array, keys: Array, values: Array, mask: Array, cap: float | 
     b, t, n, h = query.shape
     s, k = keys.shape[1], keys.shape[2]
     g = n // k
-    if t == 1:
-        return _attend_one_token(query, keys, values, mask, cap)
     # Query head i uses kv head i // g: the contiguous grouping of both references. The g query
     # heads of a kv head are stacked along the query axis so both products are plain batched
     # matmuls over (b, k), which XLA runs ~1.5x faster than the 5-d einsum (fwd+bwd, CPU).
@@ -177,17 +184,18 @@ def _attend(query: Array, keys: Array, values: Array, mask: Array, cap: float | 
     )
 
 
-def _attend_one_token(query: Array, keys: Array, values: Array, mask: Array, cap: float | None):
-    """Decoding's single query per row, contracted against the cache in its stored layout
-    (transposing the whole cache every step cost more than the products)."""
+def _attend_cached(
+    query: Array, keys: Array, values: Array, mask: Array, cap: float | None
+) -> Array:
+    """Decoding's single query per row against a cache of keys [b, k, h, c], values [b, k, c, h]."""
     b, _, n, h = query.shape
-    k = keys.shape[2]
+    k = keys.shape[1]
     grouped = query.reshape(b, k, n // k, h)  # [b, k, g, h]
     logits = jnp.einsum(
-        "bkgh,bskh->bkgs", grouped, keys.astype(query.dtype), preferred_element_type=jnp.float32
+        "bkgh,bkhs->bkgs", grouped, keys.astype(query.dtype), preferred_element_type=jnp.float32
     )
     logits = soft_cap(logits, cap)
     logits = jnp.where(mask[:, :, None, :], logits, MASK_VALUE)  # mask [b, 1, s]
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-    encoded = jnp.einsum("bkgs,bskh->bkgh", probs, values)
+    encoded = jnp.einsum("bkgs,bksh->bkgh", probs, values)
     return encoded.reshape(b, 1, n, h).astype(query.dtype)

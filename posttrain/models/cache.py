@@ -43,8 +43,11 @@ def init_cache(
     layers = []
     for attn_type in config.layer_types:
         slots = slot_count(config, attn_type, cache_size)
-        zeros = jnp.zeros((batch, slots, k, h), dtype)
-        layers.append(LayerCache(zeros, zeros))
+        layers.append(
+            LayerCache(
+                jnp.zeros((batch, k, h, slots), dtype), jnp.zeros((batch, k, slots, h), dtype)
+            )
+        )
     return DecodeCache(
         layers=tuple(layers),
         global_positions=jnp.full((batch, cache_size), -1, jnp.int32),
@@ -81,7 +84,9 @@ def cache_from_prefill(
     layers = []
     for attn_type, kv in zip(config.layer_types, keys_values, strict=True):
         slots = slot_count(config, attn_type, cache_size)
-        layers.append(LayerCache(_ring_fill(kv.keys, slots, 0), _ring_fill(kv.values, slots, 0)))
+        keys = _ring_fill(kv.keys, slots, 0).transpose(0, 2, 3, 1)  # [b, k, h, slots]
+        values = _ring_fill(kv.values, slots, 0).transpose(0, 2, 1, 3)  # [b, k, slots, h]
+        layers.append(LayerCache(keys, values))
     local_slots = slot_count(config, "local", cache_size) if config.sliding_window else 0
     return DecodeCache(
         layers=tuple(layers),
