@@ -8,6 +8,7 @@ import pytest
 
 from posttrain.models import (
     decode_step,
+    decode_weights,
     forward,
     get_preset,
     init_params,
@@ -40,7 +41,7 @@ def model(request):
     return config, params
 
 
-def _decode_all(config, params, tokens, segment_ids, prompt_length, cache_size):
+def _decode_all(config, params, tokens, segment_ids, prompt_length, cache_size, weights=None):
     """Prefill the first `prompt_length` tokens, then feed the rest one at a time."""
     positions = positions_from_segments(segment_ids)
     logits, cache = _prefill(
@@ -48,7 +49,8 @@ def _decode_all(config, params, tokens, segment_ids, prompt_length, cache_size):
     )
     outputs = [logits]
     for t in range(prompt_length, tokens.shape[1]):
-        logits, cache = _step(config, params, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
+        token, position = tokens[:, t : t + 1], positions[:, t : t + 1]
+        logits, cache = _step(config, params, token, position, cache, weights)
         outputs.append(logits)
     return jnp.concatenate(outputs, axis=1), cache
 
@@ -61,6 +63,26 @@ def test_decode_matches_forward_past_the_window(model):
     got, cache = _decode_all(config, params, tokens, segment_ids, prompt_length=4, cache_size=24)
     np.testing.assert_allclose(got, expected, **TOLERANCE)
     assert int(cache.index) == 20
+
+
+@pytest.mark.parametrize("heads", ["model", "mha"])
+def test_decode_weights_give_the_same_logits(model, heads):
+    # MHA checkpoints fuse q, k and v in one `qkv_einsum` weight: its own matrix layout.
+    config, params = model
+    if heads == "mha":
+        config = config.replace(num_kv_heads=config.num_heads)
+        params = init_params(config, jax.random.key(5))
+    weights = jax.jit(decode_weights, static_argnums=0)(config, params)
+    layer = weights["layer_0"]
+    d, f = config.embed_dim, config.hidden_dim
+    assert layer["mlp"]["matrix"].shape == (d, 2 * f)
+    projections = {"qkv_einsum"} if heads == "mha" else {"q_einsum", "kv_einsum"}
+    assert set(layer["attn"]) == projections | {"attn_vec_einsum"}
+    tokens = jax.random.randint(jax.random.key(6), (2, 12), 3, config.vocab_size)
+    segment_ids = jnp.ones_like(tokens)
+    expected = _forward(config, params, tokens)
+    got, _ = _decode_all(config, params, tokens, segment_ids, 4, cache_size=12, weights=weights)
+    np.testing.assert_allclose(got, expected, **TOLERANCE)
 
 
 def test_prefill_longer_than_window_then_decode(model):

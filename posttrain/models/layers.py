@@ -7,6 +7,7 @@ names (see `posttrain.sharding`) that a mesh maps to devices.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -31,6 +32,54 @@ def partitioned_param(
     return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), dtype)
 
 
+# Variable collection holding each projection weight as a ready [in, out] matrix for decoding.
+# XLA keeps loop-invariant slices and transposes inside a decode loop (its loop-invariant code
+# motion skips them as cheap), so on CPU every step copied every weight into the layout its
+# matmul reads; a decode loop given these matrices reads the weights in place.
+DECODE_WEIGHTS = "decode_weights"
+
+
+def wants_decode_weights(module: nn.Module) -> bool:
+    """True when this call should build or read its decode matrices (see `DECODE_WEIGHTS`)."""
+    if module.is_initializing():
+        return False
+    return module.is_mutable_collection(DECODE_WEIGHTS) or module.has_variable(
+        DECODE_WEIGHTS, "matrix"
+    )
+
+
+def _matrix_plan(equation: str) -> tuple[str, str, str, str]:
+    """Split an einsum `x,w->out` whose contracted axes are x's trailing ones.
+
+    Returns (x's kept axes, contracted axes, w's kept axes in w's order, out)."""
+    inputs, out = equation.split("->")
+    x_axes, w_axes = inputs.split(",")
+    contracted = "".join(a for a in x_axes if a in w_axes and a not in out)
+    if not x_axes.endswith(contracted):
+        raise ValueError(f"{equation}: the contracted axes must be the input's trailing axes")
+    kept = "".join(a for a in w_axes if a not in contracted)
+    return x_axes[: len(x_axes) - len(contracted)], contracted, kept, out
+
+
+def _as_matrix(equation: str, w: Array, dtype: jnp.dtype) -> Array:
+    """The weight as an [in, out] matrix for `_matrix_einsum` (contracted axes first)."""
+    _, contracted, kept, _ = _matrix_plan(equation)
+    w_axes = equation.split("->")[0].split(",")[1]
+    order = [w_axes.index(a) for a in contracted + kept]
+    size = lambda axes: math.prod(w.shape[w_axes.index(a)] for a in axes)  # noqa: E731
+    return w.astype(dtype).transpose(order).reshape(size(contracted), size(kept))
+
+
+def _matrix_einsum(equation: str, x: Array, matrix: Array, w_shape: tuple[int, ...]) -> Array:
+    """`einsum(equation, x, w)` computed as one plain matmul against `_as_matrix(w)`."""
+    x_kept, _, kept, out = _matrix_plan(equation)
+    w_axes = equation.split("->")[0].split(",")[1]
+    batch_shape = x.shape[: len(x_kept)]
+    y = x.reshape(math.prod(batch_shape), matrix.shape[0]) @ matrix
+    y = y.reshape(*batch_shape, *(w_shape[w_axes.index(a)] for a in kept))
+    return jnp.einsum(f"{x_kept}{kept}->{out}", y)  # only reorders axes
+
+
 class Einsum(nn.Module):
     """A weight `w` of fixed shape used in an einsum (no bias, as in Gemma)."""
 
@@ -43,6 +92,9 @@ class Einsum(nn.Module):
     def __call__(self, equation: str, x: Array) -> Array:
         """Contract `x` with the weight; the weight is cast to the activation dtype."""
         w = partitioned_param(self, "w", self.init_fn, self.shape, self.axes, self.param_dtype)
+        if wants_decode_weights(self):
+            matrix = self.variable(DECODE_WEIGHTS, "matrix", _as_matrix, equation, w, x.dtype)
+            return _matrix_einsum(equation, x, matrix.value, self.shape)
         return jnp.einsum(equation, x, w.astype(x.dtype))
 
 
@@ -157,12 +209,24 @@ class FeedForward(nn.Module):
             ("mlp", "embed"),
             self.param_dtype,
         )
-        # Tokens flattened to one axis and the two branches as separate plain matmuls: XLA's CPU
-        # backward of the stacked [2, b, t, f] einsum ran 2.4x slower (experiments/bench/backbone).
         tokens = x.reshape(-1, d)  # [b*t, d]
-        gating = gating.astype(x.dtype)
-        gate = constrain((tokens @ gating[0]).reshape(*x.shape[:-1], f), _MLP_AXES)
-        up = constrain((tokens @ gating[1]).reshape(*x.shape[:-1], f), _MLP_AXES)
+        if wants_decode_weights(self):
+            # Both branches as one [d, 2f] matmul (see DECODE_WEIGHTS).
+            matrix = self.variable(
+                DECODE_WEIGHTS,
+                "matrix",
+                lambda: gating.astype(x.dtype).transpose(1, 0, 2).reshape(d, 2 * f),
+            ).value
+            both = (tokens @ matrix).reshape(*x.shape[:-1], 2 * f)
+            gate = constrain(both[..., :f], _MLP_AXES)
+            up = constrain(both[..., f:], _MLP_AXES)
+        else:
+            # Tokens flattened to one axis and the two branches as separate plain matmuls: XLA's
+            # CPU backward of the stacked [2, b, t, f] einsum ran 2.4x slower
+            # (experiments/bench/backbone).
+            gating = gating.astype(x.dtype)
+            gate = constrain((tokens @ gating[0]).reshape(*x.shape[:-1], f), _MLP_AXES)
+            up = constrain((tokens @ gating[1]).reshape(*x.shape[:-1], f), _MLP_AXES)
         # The tanh approximation of GELU: exact erf differs by ~1e-3 on the logits.
         hidden = jax.nn.gelu(gate, approximate=True) * up
         out = hidden.reshape(-1, f) @ linear.astype(x.dtype)

@@ -17,7 +17,14 @@ import jax.numpy as jnp
 from posttrain.models.attention import Attention, LayerCache
 from posttrain.models.cache import DecodeCache, cache_from_prefill, write_positions
 from posttrain.models.config import AttentionType, ModelConfig
-from posttrain.models.layers import Embedder, FeedForward, RMSNorm, soft_cap, unembed
+from posttrain.models.layers import (
+    DECODE_WEIGHTS,
+    Embedder,
+    FeedForward,
+    RMSNorm,
+    soft_cap,
+    unembed,
+)
 from posttrain.sharding import constrain
 
 Array = jax.Array
@@ -205,9 +212,33 @@ def prefill(
     return out.logits, cache
 
 
+def decode_weights(config: ModelConfig, params: Params) -> Params:
+    """Every projection weight as the [in, out] matrix a decode step multiplies by.
+
+    Build them once, before a decode loop, and pass them to each `decode_step`: inside the loop
+    XLA would otherwise re-lay out the weights on every step (see `layers.DECODE_WEIGHTS`). They
+    take as much memory again as the projection weights.
+    """
+    # A one-token pass records each matrix as it is built; under jit the pass itself is dead code.
+    _, variables = Transformer(config).apply(
+        {"params": params}, jnp.zeros((1, 1), jnp.int32), mutable=[DECODE_WEIGHTS]
+    )
+    return variables[DECODE_WEIGHTS]
+
+
 def decode_step(
-    config: ModelConfig, params: Params, tokens: Array, positions: Array, cache: DecodeCache
+    config: ModelConfig,
+    params: Params,
+    tokens: Array,
+    positions: Array,
+    cache: DecodeCache,
+    weights: Params | None = None,
 ) -> tuple[Array, DecodeCache]:
-    """Feed one token per row (tokens, positions: [b, 1]); return logits [b, 1, v] and the cache."""
-    out = Transformer(config).apply({"params": params}, tokens, positions, None, cache)
+    """Feed one token per row (tokens, positions: [b, 1]); return logits [b, 1, v] and the cache.
+
+    `weights` are optional `decode_weights(config, params)`, built once outside the loop."""
+    variables = (
+        {"params": params} if weights is None else {"params": params, DECODE_WEIGHTS: weights}
+    )
+    out = Transformer(config).apply(variables, tokens, positions, None, cache)
     return out.logits, out.keys_values

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from posttrain.models import ModelConfig, decode_step, prefill, select_rows
+from posttrain.models import ModelConfig, decode_step, decode_weights, prefill, select_rows
 from posttrain.sampling.sampler import DEFAULT_STOP_IDS, bucket_length, left_pad
 
 Array = jax.Array
@@ -80,6 +80,7 @@ def beam_search_tokens(
     batch, prompt_length = prompt_tokens.shape
     n = max_new_tokens
     logits, cache = prefill(config, params, prompt_tokens, prompt_segments, prompt_length + n)
+    weights = decode_weights(config, params)
     rows = jnp.repeat(jnp.arange(batch), width)
     cache = select_rows(cache, rows)
     start_positions = jnp.sum(prompt_segments > 0, axis=1).astype(jnp.int32)
@@ -140,7 +141,9 @@ def beam_search_tokens(
         source_rows = (jnp.arange(batch)[:, None] * width + alive_beam).reshape(-1)
         cache = select_rows(s.cache, source_rows)
         positions = (start_positions[:, None] + s.step).repeat(width, 1).reshape(-1, 1)
-        logits, cache = decode_step(config, params, alive_token.reshape(-1, 1), positions, cache)
+        logits, cache = decode_step(
+            config, params, alive_token.reshape(-1, 1), positions, cache, weights
+        )
         return _BeamState(
             step=length,
             cache=cache,

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain.models import ModelConfig, decode_step, prefill
+from posttrain.models import ModelConfig, decode_step, decode_weights, prefill
 from posttrain.sampling.processors import first_argmax, process_logits, token_log_probs
 
 Array = jax.Array
@@ -115,6 +115,7 @@ def generate(
     logits, cache = prefill(
         config, params, prompt_tokens, prompt_segments, prompt_length + max_new_tokens
     )
+    weights = decode_weights(config, params)
     stop = jnp.asarray(stop_ids, jnp.int32)
     zeros = jnp.zeros((batch, max_new_tokens), jnp.float32)
     state = _LoopState(
@@ -146,7 +147,7 @@ def generate(
         policy_lp = jnp.where(active & ~greedy, token_log_probs(processed, token), 0.0)
         finished = s.finished | jnp.any(token[:, None] == stop[None, :], axis=-1)
         next_logits, cache = decode_step(
-            config, params, token[:, None], s.positions[:, None], s.cache
+            config, params, token[:, None], s.positions[:, None], s.cache, weights
         )
         return _LoopState(
             step=s.step + 1,
