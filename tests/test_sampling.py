@@ -167,3 +167,15 @@ def test_first_argmax_equals_argmax_with_ties():
     x = rng.integers(0, 4, (64, 50)).astype(np.float32)  # many ties: the first index must win
     x[3] = -np.inf
     np.testing.assert_array_equal(first_argmax(jnp.asarray(x)), np.argmax(x, axis=-1))
+
+
+def test_gumbel_noise_has_gumbel_moments_and_fresh_draws_each_step():
+    # Standard Gumbel: mean is the Euler-Mascheroni constant, variance pi^2 / 6.
+    state = jax.random.bits(jax.random.key(3), (4,), jnp.uint32)
+    state, first = sampler_module._gumbel_noise(state, (64, 1024))
+    _, second = sampler_module._gumbel_noise(state, (64, 1024))
+    for noise in (np.asarray(first, np.float64), np.asarray(second, np.float64)):
+        assert abs(noise.mean() - np.euler_gamma) < 0.02
+        assert abs(noise.var() - np.pi**2 / 6) < 0.06
+    # The next step draws new noise, not a copy of this one.
+    assert abs(np.corrcoef(np.ravel(first), np.ravel(second))[0, 1]) < 0.02

@@ -62,6 +62,21 @@ class SampleOutput(NamedTuple):
     finished: Array  # [b] True where a stop token was emitted
 
 
+def _gumbel_noise(state: Array, shape: tuple[int, ...]) -> tuple[Array, Array]:
+    """Standard Gumbel noise of `shape` from the threefry bit generator state (uint32[4]).
+
+    One `rng_bit_generator` call per step: `jax.random.gumbel` with a split key lowers on CPU to
+    a rolled loop of small ops; decode calls ran 3-5% slower with it (B=8 and 64, vocab 1024).
+    """
+    state, bits = jax.lax.rng_bit_generator(
+        state, shape, jnp.uint32, algorithm=jax.lax.RandomAlgorithm.RNG_THREE_FRY
+    )
+    # 23 random mantissa bits give a uniform in [0, 1); clipped away from 0 as jax.random does.
+    one_to_two = jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32)
+    uniform = jnp.maximum(one_to_two - 1.0, jnp.finfo(jnp.float32).tiny)
+    return state, -jnp.log(-jnp.log(uniform))
+
+
 def bucket_length(length: int) -> int:
     """Prompt lengths are padded up to a power of two (at least 16) to reuse compilations."""
     return max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
@@ -91,7 +106,7 @@ class _LoopState(NamedTuple):
     model_log_probs: Array
     finished: Array
     lengths: Array
-    rng: Array
+    rng_state: Array  # uint32[4] state of the bit generator
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "stop_ids"))
@@ -128,17 +143,17 @@ def generate(
         model_log_probs=zeros,
         finished=jnp.zeros((batch,), bool),
         lengths=jnp.zeros((batch,), jnp.int32),
-        rng=rng,
+        rng_state=jax.random.bits(rng, (4,), jnp.uint32),
     )
 
     def keep_going(s: _LoopState) -> Array:
         return (s.step < max_new_tokens) & ~jnp.all(s.finished)
 
     def one_token(s: _LoopState) -> _LoopState:
-        rng, key = jax.random.split(s.rng)
+        rng_state, noise = _gumbel_noise(s.rng_state, s.logits.shape)
         processed = process_logits(s.logits, temperature, top_k, top_p)
         # Gumbel-max sampling, as jax.random.categorical does, with a faster argmax.
-        sampled = first_argmax(processed + jax.random.gumbel(key, processed.shape))
+        sampled = first_argmax(processed + noise)
         greedy = temperature <= 0
         token = jnp.where(greedy, first_argmax(s.logits), sampled).astype(jnp.int32)
         token = jnp.where(s.finished, PAD_ID, token)
@@ -159,7 +174,7 @@ def generate(
             model_log_probs=s.model_log_probs.at[:, s.step].set(model_lp),
             finished=finished,
             lengths=s.lengths + active.astype(jnp.int32),
-            rng=rng,
+            rng_state=rng_state,
         )
 
     final = jax.lax.while_loop(keep_going, one_token, state)
