@@ -123,3 +123,17 @@ def test_local_cache_is_window_sized():
         assert layer.keys.shape == (3, kv, head, slots)
         assert layer.values.shape == (3, kv, slots, head)
     assert cache.local_positions.shape == (3, window)
+
+
+def test_rope_table_equals_evaluated_sines():
+    from posttrain.models.layers import MAX_ROPE_TABLE, rope_sin_cos, rope_tables
+
+    positions = jnp.asarray([[0, 5, 511, 7], [3, 3, 200, 1]])
+    expected = rope_tables(positions, 64, 10_000.0)
+    read = jax.jit(lambda p: rope_sin_cos(p, 512, 64, 10_000.0))(positions)
+    for got, want in zip(read, expected, strict=True):
+        assert got.shape == want.shape == (2, 4, 1, 32)
+        np.testing.assert_allclose(got, want, atol=1e-6)
+    # Past the size limit the sines are evaluated, not tabled (no 2^20-entry constant).
+    jaxpr = jax.make_jaxpr(lambda p: rope_sin_cos(p, MAX_ROPE_TABLE, 64, 10_000.0))(positions)
+    assert "sin" in str(jaxpr) and "gather" not in str(jaxpr)

@@ -64,12 +64,8 @@ def test_wrong_query_scale_is_detected(references):
     assert _max_error(directory, expected, tokens, query_pre_attn_scalar=None) > 100 * TOLERANCE
 
 
-def _interleaved_rope(x, positions, base):
+def _interleaved_rope(x, sin, cos):
     """RoPE rotating adjacent pairs (x0, x1), (x2, x3): the layout Gemma does not use."""
-    half = x.shape[-1] // 2
-    timescale = base ** (2.0 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1])
-    angles = positions.astype(jnp.float32)[..., None] / timescale
-    sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
     even, odd = x[..., 0::2], x[..., 1::2]
     rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
     return rotated.reshape(x.shape).astype(x.dtype)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from posttrain.models.config import AttentionType, ModelConfig
-from posttrain.models.layers import Einsum, apply_rope, soft_cap
+from posttrain.models.layers import Einsum, apply_rope, rope_tables, soft_cap
 from posttrain.sharding import constrain
 
 Array = jax.Array
@@ -103,9 +103,12 @@ class Attention(nn.Module):
         key_positions: Array | None = None,
         write_slot: Array | None = None,
         branch_ids: Array | None = None,
+        rope: tuple[Array, Array] | None = None,
     ) -> tuple[Array, LayerCache]:
         """Attend. Returns the output [b, t, d] and either this call's keys and values
-        (sequence mode) or the updated cache (decode mode, when `cache` is given)."""
+        (sequence mode) or the updated cache (decode mode, when `cache` is given).
+
+        `rope` is `rope_tables(positions, ...)` when the caller shares it between layers."""
         cfg = self.config
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         pdt = cfg.param_dtype
@@ -123,8 +126,9 @@ class Attention(nn.Module):
             key, value = kv("btd,ckdh->cbtkh", x)
         query = constrain(query, ("act_batch", "act_length", "act_heads", None))
 
-        query = apply_rope(query, positions, cfg.rope_base)
-        key = apply_rope(key, positions, cfg.rope_base)
+        sin, cos = rope if rope is not None else rope_tables(positions, h, cfg.rope_base)
+        query = apply_rope(query, sin, cos)
+        key = apply_rope(key, sin, cos)
         # Scale after RoPE and before q.k, as the reference does.
         query = query * jnp.asarray(cfg.query_scale, query.dtype)
 

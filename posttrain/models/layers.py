@@ -7,12 +7,14 @@ names (see `posttrain.sharding`) that a mesh maps to devices.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from posttrain.sharding import constrain
 
@@ -116,17 +118,48 @@ class RMSNorm(nn.Module):
         return (normed * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
 
 
-def apply_rope(x: Array, positions: Array, base: float) -> Array:
-    """Rotary embedding in the half-split layout ([a|b] halves, not interleaved pairs).
-
-    x: [b, t, n, h]; positions: [b, t]. Angles are computed in float32.
-    """
-    half = x.shape[-1] // 2
-    fraction = 2.0 * jnp.arange(half, dtype=jnp.float32) / x.shape[-1]
+def rope_tables(positions: Array, head_dim: int, base: float) -> tuple[Array, Array]:
+    """sin and cos [b, t, 1, h/2] of the rotary angles for positions [b, t], in float32."""
+    half = head_dim // 2
+    fraction = 2.0 * jnp.arange(half, dtype=jnp.float32) / head_dim
     timescale = base**fraction  # [h/2]
     angles = positions.astype(jnp.float32)[..., None] / timescale  # [b, t, h/2]
-    sin = jnp.sin(angles)[:, :, None, :]  # [b, t, 1, h/2]
-    cos = jnp.cos(angles)[:, :, None, :]
+    return jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
+
+
+# Largest table (bound x h/2 entries, each of sin and cos) that RoPE reads instead of evaluating.
+MAX_ROPE_TABLE = 1 << 20
+
+
+@functools.cache
+def _rope_table(bound: int, head_dim: int, base: float) -> tuple[np.ndarray, np.ndarray]:
+    # Evaluated by the same ops as `rope_tables` on the backend, so both paths agree.
+    with jax.ensure_compile_time_eval():
+        sin, cos = rope_tables(jnp.arange(bound)[None], head_dim, base)
+        return np.asarray(sin[0, :, 0]), np.asarray(cos[0, :, 0])
+
+
+def rope_sin_cos(
+    positions: Array, bound: int | None, head_dim: int, base: float
+) -> tuple[Array, Array]:
+    """`rope_tables`, read from constant tables when every position is known to be < bound.
+
+    XLA evaluates a sine or cosine fused into each head's rotation once per element, in every
+    layer and again in the backward pass: a table read instead made a 4-layer reward step 7-10%
+    shorter on CPU. Positions past the bound would read clamped entries, so the bound is a
+    promise the caller makes.
+    """
+    if bound is None or bound * (head_dim // 2) > MAX_ROPE_TABLE:
+        return rope_tables(positions, head_dim, base)
+    sin, cos = _rope_table(bound, head_dim, base)
+    return jnp.asarray(sin)[positions][:, :, None, :], jnp.asarray(cos)[positions][:, :, None, :]
+
+
+def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
+    """Rotary embedding in the half-split layout ([a|b] halves, not interleaved pairs).
+
+    x: [b, t, n, h]; sin, cos: [b, t, 1, h/2] from `rope_tables`.
+    """
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
     return rotated.astype(x.dtype)

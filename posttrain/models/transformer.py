@@ -22,6 +22,7 @@ from posttrain.models.layers import (
     Embedder,
     FeedForward,
     RMSNorm,
+    rope_sin_cos,
     soft_cap,
     unembed,
 )
@@ -47,13 +48,14 @@ class Block(nn.Module):
         key_positions: Array | None,
         write_slot: Array | None,
         branch_ids: Array | None = None,
+        rope: tuple[Array, Array] | None = None,
     ) -> tuple[Array, LayerCache]:
         """Apply the block to x [b, t, d]."""
         cfg = self.config
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         h = RMSNorm(**norm, name="pre_attention_norm")(x)
         attn_out, kv = Attention(cfg, self.attn_type, name="attn")(
-            h, positions, segment_ids, cache, key_positions, write_slot, branch_ids
+            h, positions, segment_ids, cache, key_positions, write_slot, branch_ids, rope
         )
         if cfg.use_post_norms:
             attn_out = RMSNorm(**norm, name="post_attention_norm")(attn_out)
@@ -89,6 +91,7 @@ class Transformer(nn.Module):
         cache: DecodeCache | None = None,
         compute_logits: bool = True,
         branch_ids: Array | None = None,
+        position_bound: int | None = None,
     ) -> TransformerOutput:
         """Run the decoder.
 
@@ -97,6 +100,8 @@ class Transformer(nn.Module):
         With a `cache` (decode mode), t must be 1 and the updated cache is returned.
         `branch_ids` [b, t] (with explicit positions) lays out a shared prefix and several
         continuations of it in one row; see `sequence_mask`.
+        `position_bound` promises that explicit positions are all below it, which lets RoPE read
+        its sines from a table (`rope_sin_cos`); positions counted here need no promise.
         """
         cfg = self.config
         if branch_ids is not None and (positions is None or cache is not None):
@@ -105,6 +110,7 @@ class Transformer(nn.Module):
             positions = positions_from_segments(
                 segment_ids if segment_ids is not None else jnp.ones_like(tokens)
             )
+            position_bound = tokens.shape[1]
         embedder = Embedder(
             cfg.num_embed, cfg.vocab_size, cfg.embed_dim, cfg.param_dtype, name="embedder"
         )
@@ -113,6 +119,7 @@ class Transformer(nn.Module):
 
         if cache is not None:
             cache = write_positions(cache, positions)
+        rope = rope_sin_cos(positions, position_bound, cfg.head_dim, cfg.rope_base)
         block_cls = nn.remat(Block, static_argnums=()) if cfg.remat else Block
         keys_values = []
         for i, attn_type in enumerate(cfg.layer_types):
@@ -124,7 +131,7 @@ class Transformer(nn.Module):
                 )
                 write_slot = cache.index % key_positions.shape[1]
             x, kv = block_cls(cfg, attn_type, name=f"layer_{i}")(
-                x, positions, segment_ids, layer_cache, key_positions, write_slot, branch_ids
+                x, positions, segment_ids, layer_cache, key_positions, write_slot, branch_ids, rope
             )
             keys_values.append(kv)
         hidden = RMSNorm(cfg.norm_eps, cfg.param_dtype, name="final_norm")(x)
@@ -205,9 +212,12 @@ def prefill(
     positions: Array | None = None,
 ) -> tuple[Array, DecodeCache]:
     """Run a (left-padded) prompt [b, t] and return its logits and a cache of `cache_size`."""
+    bound = None
     if positions is None:
-        positions = positions_from_segments(segment_ids)
-    out = Transformer(config).apply({"params": params}, tokens, positions, segment_ids)
+        positions, bound = positions_from_segments(segment_ids), tokens.shape[1]
+    out = Transformer(config).apply(
+        {"params": params}, tokens, positions, segment_ids, position_bound=bound
+    )
     cache = cache_from_prefill(config, out.keys_values, positions, segment_ids, cache_size)
     return out.logits, cache
 
@@ -233,12 +243,16 @@ def decode_step(
     positions: Array,
     cache: DecodeCache,
     weights: Params | None = None,
+    position_bound: int | None = None,
 ) -> tuple[Array, DecodeCache]:
     """Feed one token per row (tokens, positions: [b, 1]); return logits [b, 1, v] and the cache.
 
-    `weights` are optional `decode_weights(config, params)`, built once outside the loop."""
+    `weights` are optional `decode_weights(config, params)`, built once outside the loop;
+    `position_bound` an optional promise that every position is below it (see `Transformer`)."""
     variables = (
         {"params": params} if weights is None else {"params": params, DECODE_WEIGHTS: weights}
     )
-    out = Transformer(config).apply(variables, tokens, positions, None, cache)
+    out = Transformer(config).apply(
+        variables, tokens, positions, None, cache, position_bound=position_bound
+    )
     return out.logits, out.keys_values

@@ -76,6 +76,8 @@ def shared_prompt_rewards(
         pairs.segments,
         compute_logits=False,
         branch_ids=pairs.branches,
+        # Each branch's positions continue the prefix's, within the row.
+        position_bound=pairs.tokens.shape[1],
     )
     features = jnp.take_along_axis(out.hidden, pairs.last[:, :, None], axis=1)
     rewards = _apply_head(params["head"], features.astype(jnp.float32), dropout_rate, dropout_key)

@@ -142,7 +142,13 @@ def beam_search_tokens(
         cache = select_rows(s.cache, source_rows)
         positions = (start_positions[:, None] + s.step).repeat(width, 1).reshape(-1, 1)
         logits, cache = decode_step(
-            config, params, alive_token.reshape(-1, 1), positions, cache, weights
+            config,
+            params,
+            alive_token.reshape(-1, 1),
+            positions,
+            cache,
+            weights,
+            position_bound=prompt_length + n,
         )
         return _BeamState(
             step=length,

@@ -162,7 +162,14 @@ def generate(
         policy_lp = jnp.where(active & ~greedy, token_log_probs(processed, token), 0.0)
         finished = s.finished | jnp.any(token[:, None] == stop[None, :], axis=-1)
         next_logits, cache = decode_step(
-            config, params, token[:, None], s.positions[:, None], s.cache, weights
+            config,
+            params,
+            token[:, None],
+            s.positions[:, None],
+            s.cache,
+            weights,
+            # A row's positions stay below its real tokens' count, which fits the cache.
+            position_bound=prompt_length + max_new_tokens,
         )
         return _LoopState(
             step=s.step + 1,
