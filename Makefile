@@ -17,7 +17,7 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m posttrain.demo
 
 test: $(BIN)/.installed
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --durations=15
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
