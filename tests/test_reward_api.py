@@ -45,6 +45,10 @@ def assets(tmp_path_factory):
     return root, tokenizer, config, models
 
 
+# Jitted: op by op, each pair's reference forward took seconds.
+_reward_scores = jax.jit(reward_scores, static_argnums=0)
+
+
 def test_model_reward_equals_the_reward_model_on_each_pair(assets):
     _, tokenizer, config, models = assets
     directory, params = models[0]
@@ -54,7 +58,7 @@ def test_model_reward_equals_the_reward_model_on_each_pair(assets):
     got = reward(PROMPTS, RESPONSES)
     for i, (prompt, response) in enumerate(zip(PROMPTS, RESPONSES, strict=True)):
         ids = np.asarray([encode_for_reward(tokenizer, prompt, response, reward.preamble)])
-        expected = reward_scores(config, params, ids, np.ones_like(ids))
+        expected = _reward_scores(config, params, ids, np.ones_like(ids))
         np.testing.assert_allclose(got[i], expected[0], atol=2e-5)
     # Batch composition and padding do not change a pair's reward.
     alone = ModelReward(directory, tokenizer, reward.preamble, batch_size=8)

@@ -16,12 +16,18 @@ from posttrain.rewards.reward_model import (
 CONFIG = get_preset("tiny_gemma2")
 
 
+# Jitted: run op by op, these small forwards took seconds each.
+_reward_scores = jax.jit(reward_scores, static_argnums=0)
+
+
 def test_scores_read_the_last_real_token_whatever_the_padding():
     backbone = init_params(CONFIG, jax.random.key(0))
     head = {"w": jax.random.normal(jax.random.key(1), (CONFIG.embed_dim,)), "b": jnp.float32(0.5)}
     params = {"backbone": backbone, "head": head}
     row = jax.random.randint(jax.random.key(2), (9,), 3, CONFIG.vocab_size)
-    alone = Transformer(CONFIG).apply({"params": backbone}, row[None], compute_logits=False)
+    alone = jax.jit(lambda p, t: Transformer(CONFIG).apply({"params": p}, t, compute_logits=False))(
+        backbone, row[None]
+    )
     expected = float(alone.hidden[0, -1] @ head["w"] + head["b"])
     right = jnp.zeros((1, 14), jnp.int32).at[0, :9].set(row)
     left = jnp.zeros((1, 14), jnp.int32).at[0, 5:].set(row)
@@ -29,11 +35,11 @@ def test_scores_read_the_last_real_token_whatever_the_padding():
     left_segments = (jnp.arange(14) >= 5).astype(jnp.int32)[None]
     for tokens, segments in ((right, right_segments), (left, left_segments)):
         np.testing.assert_allclose(
-            float(reward_scores(CONFIG, params, tokens, segments)[0]), expected, atol=1e-5
+            float(_reward_scores(CONFIG, params, tokens, segments)[0]), expected, atol=1e-5
         )
     assert (
         float(
-            reward_scores(CONFIG, {**params, "head": init_head(CONFIG)}, right, right_segments)[0]
+            _reward_scores(CONFIG, {**params, "head": init_head(CONFIG)}, right, right_segments)[0]
         )
         == 0.0
     )
