@@ -45,7 +45,9 @@ def test_layout_of_prefix_and_both_continuations():
 def test_shared_prompt_rewards_and_gradients_equal_separate_scoring():
     rng = np.random.default_rng(0)
     sides = []
-    for prefix_len, chosen_len, rejected_len in [(20, 7, 12), (3, 15, 2), (11, 1, 9), (30, 4, 4)]:
+    # Five pairs: the rows run as two forwards of unequal halves (2 and 3).
+    shapes = [(20, 7, 12), (3, 15, 2), (11, 1, 9), (30, 4, 4), (7, 3, 5)]
+    for prefix_len, chosen_len, rejected_len in shapes:
         prefix = rng.integers(3, CONFIG.vocab_size, prefix_len).tolist()
         chosen = [1, *rng.integers(3, CONFIG.vocab_size, chosen_len - 1).tolist()]
         rejected = [2, *rng.integers(3, CONFIG.vocab_size, rejected_len - 1).tolist()]
