@@ -108,7 +108,7 @@ class Attention(nn.Module):
         """Attend. Returns the output [b, t, d] and either this call's keys and values
         (sequence mode) or the updated cache (decode mode, when `cache` is given).
 
-        `rope` is `rope_tables(positions, ...)` when the caller shares it between layers."""
+        `rope` is (sin, cos) from `rope_sin_cos` when the decoder shares them between layers."""
         cfg = self.config
         n, k, h, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
         pdt = cfg.param_dtype

@@ -50,23 +50,22 @@ def wants_decode_weights(module: nn.Module) -> bool:
     )
 
 
-def _matrix_plan(equation: str) -> tuple[str, str, str, str]:
+def _matrix_plan(equation: str) -> tuple[str, str, str, str, str]:
     """Split an einsum `x,w->out` whose contracted axes are x's trailing ones.
 
-    Returns (x's kept axes, contracted axes, w's kept axes in w's order, out)."""
+    Returns (x's kept axes, contracted axes, w's axes, w's kept axes in w's order, out)."""
     inputs, out = equation.split("->")
     x_axes, w_axes = inputs.split(",")
     contracted = "".join(a for a in x_axes if a in w_axes and a not in out)
     if not x_axes.endswith(contracted):
         raise ValueError(f"{equation}: the contracted axes must be the input's trailing axes")
     kept = "".join(a for a in w_axes if a not in contracted)
-    return x_axes[: len(x_axes) - len(contracted)], contracted, kept, out
+    return x_axes[: len(x_axes) - len(contracted)], contracted, w_axes, kept, out
 
 
 def _as_matrix(equation: str, w: Array, dtype: jnp.dtype) -> Array:
     """The weight as an [in, out] matrix for `_matrix_einsum` (contracted axes first)."""
-    _, contracted, kept, _ = _matrix_plan(equation)
-    w_axes = equation.split("->")[0].split(",")[1]
+    _, contracted, w_axes, kept, _ = _matrix_plan(equation)
     order = [w_axes.index(a) for a in contracted + kept]
     size = lambda axes: math.prod(w.shape[w_axes.index(a)] for a in axes)  # noqa: E731
     return w.astype(dtype).transpose(order).reshape(size(contracted), size(kept))
@@ -74,8 +73,7 @@ def _as_matrix(equation: str, w: Array, dtype: jnp.dtype) -> Array:
 
 def _matrix_einsum(equation: str, x: Array, matrix: Array, w_shape: tuple[int, ...]) -> Array:
     """`einsum(equation, x, w)` computed as one plain matmul against `_as_matrix(w)`."""
-    x_kept, _, kept, out = _matrix_plan(equation)
-    w_axes = equation.split("->")[0].split(",")[1]
+    x_kept, _, w_axes, kept, out = _matrix_plan(equation)
     batch_shape = x.shape[: len(x_kept)]
     y = x.reshape(math.prod(batch_shape), matrix.shape[0]) @ matrix
     y = y.reshape(*batch_shape, *(w_shape[w_axes.index(a)] for a in kept))
@@ -158,7 +156,7 @@ def rope_sin_cos(
 def apply_rope(x: Array, sin: Array, cos: Array) -> Array:
     """Rotary embedding in the half-split layout ([a|b] halves, not interleaved pairs).
 
-    x: [b, t, n, h]; sin, cos: [b, t, 1, h/2] from `rope_tables`.
+    x: [b, t, n, h]; sin, cos: [b, t, 1, h/2] from `rope_sin_cos`.
     """
     first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
