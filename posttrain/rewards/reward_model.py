@@ -69,7 +69,7 @@ def shared_prompt_rewards(
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
 ) -> tuple[Array, Array]:
-    """(chosen, rejected) rewards [b] of shared-prefix pair rows: one forward for both sides.
+    """(chosen, rejected) rewards [b] of shared-prefix pair rows: both sides of a pair in one row.
 
     The rows run as two forwards over halves of the batch, as unshared pairs run as a chosen and a
     rejected forward: XLA:CPU runs independent forwards side by side, which a 2-core reward step
