@@ -381,14 +381,18 @@ def _grouped_attention_bwd(cap, residuals, d_encoded):
         d_logits = (d_logits.reshape(tanh.shape) * (1.0 - tanh * tanh)).reshape(probs.shape)
     d_logits = d_logits.astype(query.dtype)
     d_query = jnp.einsum("bkqs,bksh->bkqh", d_logits, keys)
-    # Both weight gradients are formed transposed, [h, s]: the orientation XLA:CPU multiplies
-    # fastest when the contraction runs over the query axis.
-    d_keys = jnp.einsum("bkqh,bkqs->bkhs", query, d_logits).swapaxes(-1, -2)
-    d_values = jnp.einsum("bkqh,bkqs->bkhs", d_encoded, probs.astype(d_encoded.dtype))
+    # The weight gradients contract the query axis. XLA:CPU sends a product to its fast matmul
+    # path when the left operand contracts its minor axis, and it folds a plain transpose back
+    # into the product; the barrier keeps the transposed copies.
+    d_logits_t, probs_t = jax.lax.optimization_barrier(
+        (d_logits.swapaxes(-1, -2), probs.astype(d_encoded.dtype).swapaxes(-1, -2))
+    )
+    d_keys = jnp.einsum("bksq,bkqh->bksh", d_logits_t, query)
+    d_values = jnp.einsum("bksq,bkqh->bksh", probs_t, d_encoded)
     return (
         d_query.astype(query.dtype),
         d_keys.astype(keys.dtype),
-        d_values.swapaxes(-1, -2).astype(values.dtype),
+        d_values.astype(values.dtype),
         None,
     )
 
