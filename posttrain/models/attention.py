@@ -264,16 +264,15 @@ def _attend_local(
         widths = [(0, 0), (0, end_pad)] + [(0, 0)] * (x.ndim - 2)
         return jnp.pad(x, widths).reshape(b, count, block, *x.shape[2:])
 
-    rows = jnp.broadcast_to(jnp.arange(-block, count * block), (b, (count + 1) * block))
+    # Padding rows get segment 0, as queries and as keys: they see nothing and nothing sees them.
     query_meta = _TokenMeta(
         own(meta.rows),
-        own(meta.segments),  # padding rows get segment 0: they see nothing
+        own(meta.segments),
         None if meta.positions is None else own(meta.positions),
         None if meta.branches is None else own(meta.branches),
     )
-    key_rows = rows.reshape(b, count + 1, block)
     key_meta = _TokenMeta(
-        jnp.concatenate([key_rows[:, :-1], key_rows[:, 1:]], axis=2),
+        band(meta.rows, 0),
         band(meta.segments, 0),
         None if meta.positions is None else band(meta.positions, 0),
         None if meta.branches is None else band(meta.branches, 0),
