@@ -26,8 +26,9 @@ from posttrain.sharding import constrain
 
 Array = jax.Array
 
-# Large finite negative rather than -inf: a fully masked row (a padding query) then gives a
-# uniform softmax instead of NaN, and its output is ignored anyway.
+# Decode mode's masked logit. Large finite negative rather than -inf: a fully masked row (a
+# padding query) then gives a uniform softmax instead of NaN, and its output is ignored anyway.
+# (Sequence mode zeroes masked weights instead; see `_grouped_attention_forward`.)
 MASK_VALUE = -2.3819763e38
 # Smallest query block of blocked sliding-window attention: smaller per-block products run at
 # a fraction of the matmul rate on CPU (8 vs 16 rows measured no faster at window 8).
@@ -62,8 +63,7 @@ def sequence_mask(
     branch when it is in the prefix, and the window is measured in positions, since each branch's
     positions restart where the prefix ends.
     """
-    rows = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
-    meta = _TokenMeta(rows, segment_ids, positions, branch_ids)
+    meta = _TokenMeta.of_row(segment_ids, positions, branch_ids)
     return _visible(meta, meta, window)
 
 
@@ -74,6 +74,14 @@ class _TokenMeta(NamedTuple):
     segments: Array
     positions: Array | None
     branches: Array | None
+
+    @classmethod
+    def of_row(
+        cls, segment_ids: Array, positions: Array | None, branch_ids: Array | None
+    ) -> _TokenMeta:
+        """The tokens of rows [b, t], numbered 0..t-1 along each row."""
+        rows = jnp.broadcast_to(jnp.arange(segment_ids.shape[1]), segment_ids.shape)
+        return cls(rows, segment_ids, positions, branch_ids)
 
 
 def _visible(queries: _TokenMeta, keys: _TokenMeta, window: int | None) -> Array:
@@ -168,8 +176,7 @@ class Attention(nn.Module):
                 mask = sequence_mask(segment_ids, self.window, positions, branch_ids)
                 encoded = _attend(query, key, value, mask, cap)
             else:
-                rows = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-                meta = _TokenMeta(rows, segment_ids, positions, branch_ids)
+                meta = _TokenMeta.of_row(segment_ids, positions, branch_ids)
                 encoded = _attend_local(query, key, value, cap, self.window, meta, block)
             out_cache = LayerCache(key, value)
         else:
