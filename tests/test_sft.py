@@ -66,10 +66,10 @@ def test_four_unequal_micro_batches_equal_one_batch(setup):
     # The 16 rows have answers of 3..8 digits, so the four micro-batches hold unequal token counts.
     counts = [int(rows.loss_mask[i : i + 4].sum()) for i in range(0, 16, 4)]
     assert len(set(counts)) > 1
-    one, loss_one, n_one = jax.jit(accumulated_gradients, static_argnums=(0, 3))(
+    one, loss_one, n_one, _ = jax.jit(accumulated_gradients, static_argnums=(0, 3))(
         loss_terms, params, rows, 1
     )
-    four, loss_four, n_four = jax.jit(accumulated_gradients, static_argnums=(0, 3))(
+    four, loss_four, n_four, _ = jax.jit(accumulated_gradients, static_argnums=(0, 3))(
         loss_terms, params, rows, 4
     )
     assert float(n_one) == float(n_four)

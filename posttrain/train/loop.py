@@ -4,6 +4,12 @@ Resume order: 1. the newest finished checkpoint in the run's checkpoint director
 data position; 2. otherwise the given initial state. A non-finite loss stops the run with an
 error naming the step (the state is left unchanged by the step, and nothing is saved over the
 last good checkpoint), or skips the batch when `skip_nonfinite` is set.
+
+Batches come from a source with a JSON-serialisable position (`state()` / `restore(position)`,
+saved in every checkpoint). An offline source yields batches with `next(source)`; an on-policy
+source (rollouts) builds each batch from the current train state with `source.next_batch(state)`,
+and keeps its prompt order and sampler RNG in its position, so a resumed run draws the same
+rollouts it would have drawn.
 """
 
 from __future__ import annotations
@@ -11,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 
@@ -22,6 +28,25 @@ from posttrain.train.step import TrainState
 
 class NonFiniteLossError(FloatingPointError):
     """A step produced a NaN or infinite loss or gradient."""
+
+
+class BatchSource(Protocol):
+    """A resumable source of batches: `next(source)` or `source.next_batch(state)`."""
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, position: dict[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class OnPolicySource(Protocol):
+    """A source whose batches depend on the current train state (rollouts of the policy)."""
+
+    def next_batch(self, state: TrainState) -> Any: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, position: dict[str, Any]) -> None: ...
 
 
 @dataclasses.dataclass
@@ -55,10 +80,17 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def next_batch(source: Any, state: TrainState) -> Any:
+    """The next batch of an offline or an on-policy source."""
+    if isinstance(source, OnPolicySource):
+        return source.next_batch(state)
+    return next(source)
+
+
 def run_training(
     state: TrainState,
     step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
-    batches: Iterator[Any],
+    batches: BatchSource,
     checkpointer: Checkpointer,
     total_steps: int,
     save_every: int,
@@ -75,15 +107,16 @@ def run_training(
     with _StopRequest() as stop:
         while int(state.step) < total_steps:
             started = time.perf_counter()
-            state, metrics = step_fn(state, next(batches))
+            state, metrics = step_fn(state, next_batch(batches, state))
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             if not metrics["finite"]:
                 if not skip_nonfinite:
                     checkpointer.wait()
                     raise NonFiniteLossError(
                         f"non-finite loss or gradient at step {int(state.step)} "
-                        f"(loss={metrics['loss']}); the state was not updated and the last "
-                        f"checkpoint (step {checkpointer.latest_step()}) is intact"
+                        f"(loss={metrics['loss']}, grad_norm={metrics['grad_norm']}); the state "
+                        f"was not updated and the last checkpoint (step "
+                        f"{checkpointer.latest_step()}) is intact"
                     )
                 skipped += 1
             steps_run += 1
