@@ -99,3 +99,26 @@ def test_early_stopping_keeps_the_best(params):
     full = beam_search(CONFIG, params, PROMPTS, early_stop=False, **kwargs)
     np.testing.assert_array_equal(early.tokens[:, 0], full.tokens[:, 0])
     np.testing.assert_allclose(early.scores[:, 0], full.scores[:, 0], atol=1e-6)
+
+
+def test_bucket_filling_prompt_to_max_new_tokens_scores_equal_full_forward(params):
+    # The first prompt fills its 16-token bucket and no stop id exists, so every hypothesis
+    # runs to max_new_tokens and the last decode steps read the highest RoPE positions. Same
+    # shapes and settings as test_width_one_is_greedy_without_stop_tokens: one compilation.
+    prompts = [[2, 3, 4, 0, 3, 2, 4, 4, 3, 2, 3, 4, 0, 2, 3, 4], *PROMPTS[1:]]
+    new, penalty = 6, ((5 + 6) / 6) ** 0.6
+    out = beam_search(CONFIG, params, prompts, width=1, max_new_tokens=new, stop_ids=())
+    np.testing.assert_array_equal(out.lengths, new)
+    # Given the final sequences right-padded into one batch (segment 0 after the end), when one
+    # full forward scores them, then each continuation's summed log p is the beam's.
+    width = len(prompts[0]) + new
+    tokens, segments = np.zeros((3, width), np.int32), np.zeros((3, width), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt) + new] = [*prompt, *np.asarray(out.tokens[row, 0])]
+        segments[row, : len(prompt) + new] = 1
+    log_probs = jax.nn.log_softmax(_forward(CONFIG, params, tokens, segment_ids=segments), -1)
+    for row, prompt in enumerate(prompts):
+        steps = np.arange(len(prompt) - 1, len(prompt) - 1 + new)
+        log_p = float(np.sum(log_probs[row, steps, tokens[row, steps + 1]]))
+        assert float(out.log_probs[row, 0]) == pytest.approx(log_p, abs=1e-4)
+        assert float(out.scores[row, 0]) == pytest.approx(log_p / penalty, abs=1e-4)

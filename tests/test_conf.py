@@ -1,25 +1,87 @@
-"""The YAML config groups stay in sync with the Python presets and schemas."""
+"""The config groups compose from the Python presets and match the schemas."""
 
 from pathlib import Path
 
 import pytest
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from posttrain.models import PRESETS, ModelConfig
+from posttrain.config_store import (
+    model_config_from_node,
+    optim_config_from_node,
+    preset_node,
+    register_configs,
+)
+from posttrain.models import PRESETS
 from posttrain.sharding import MeshConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.mark.parametrize("path", sorted((CONF / "model").glob("*.yaml")), ids=lambda p: p.stem)
-def test_model_yaml_equals_preset(path):
-    fields = yaml.safe_load(path.read_text())
-    fields["attention_pattern"] = tuple(fields["attention_pattern"])
-    assert ModelConfig(**fields) == PRESETS[path.stem]
+def compose_config(*overrides: str):
+    """The composed `posttrain` config (presets registered), as the command would see it."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            return compose(config_name="config", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
 
 
-def test_every_preset_has_a_yaml():
-    assert {p.stem for p in (CONF / "model").glob("*.yaml")} == set(PRESETS)
+def test_no_model_yaml_shadows_the_presets():
+    assert not list(CONF.glob("model/*.yaml"))  # the ConfigStore entries are the only source
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_model_group_composes_every_preset(name):
+    cfg = compose_config(f"model={name}")
+    assert model_config_from_node(cfg.model) == PRESETS[name]
+
+
+def test_default_model_and_field_override():
+    assert model_config_from_node(compose_config().model) == PRESETS["tiny_gemma2"]
+    cfg = compose_config("model=gemma2_2b", "model.num_layers=2")
+    assert model_config_from_node(cfg.model) == PRESETS["gemma2_2b"].replace(num_layers=2)
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(MissingConfigException, match=r"(?s)model/nope.*gemma2_2b.*tiny_gemma2"):
+        compose_config("model=nope")
+
+
+def test_unknown_model_field_suggests_the_close_one():
+    node = preset_node(PRESETS["tiny_gemma2"])
+    node["num_layer"] = node.pop("num_layers")
+    with pytest.raises(ValueError, match=r"model\.num_layer; did you mean model\.num_layers"):
+        model_config_from_node(node)
+
+
+def test_register_configs_is_idempotent():
+    register_configs()
+    register_configs()
+    assert set(ConfigStore.instance().list("model")) == {f"{name}.yaml" for name in PRESETS}
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_optim_total_steps_follows_the_stage_unless_set(optimizer):
+    cfg = compose_config(f"optim={optimizer}", "stage=sft", "stage.steps=37")
+    assert optim_config_from_node(cfg.optim).total_steps == 37
+    assert compose_config(f"optim={optimizer}").optim.total_steps == 1000  # stage=sample: no steps
+    cfg = compose_config(f"optim={optimizer}", "stage=sft", "optim.total_steps=50")
+    assert optim_config_from_node(cfg.optim).total_steps == 50
+
+
+def test_adafactor_yaml_has_no_adamw_keys():
+    cfg = compose_config("optim=adafactor")
+    assert "b1" not in cfg.optim and "b2" not in cfg.optim
+    optim = optim_config_from_node(cfg.optim)
+    assert (optim.decay_rate, optim.momentum, optim.eps) == (0.8, None, 1e-30)
+    with pytest.raises(ConfigCompositionException, match="b1"):
+        compose_config("optim=adafactor", "optim.b1=0.9")
 
 
 @pytest.mark.parametrize("path", sorted((CONF / "mesh").glob("*.yaml")), ids=lambda p: p.stem)

@@ -56,12 +56,15 @@ def test_an_interrupted_stage_is_resumed_not_skipped(tmp_path, monkeypatch):
     calls = []
     interrupt = {"first": True}
 
-    def fake_stage(cfg):
-        name = Path(cfg.run_dir).name
+    def fake_stage(ctx):
+        name = ctx.run_dir.name
         calls.append(name)
         return {"n": 1, "interrupted": interrupt.pop(name, False)}
 
-    monkeypatch.setattr("posttrain.cli._stages", lambda: {"synthetic": fake_stage})
+    from posttrain.stages.registry import StageSpec
+
+    spec = StageSpec("synthetic", fake_stage, ("stage",), False, ())
+    monkeypatch.setattr("posttrain.stages.registry.stage_specs", lambda: {"synthetic": spec})
 
     def compose(overrides):
         values = dict(o.split("=", 1) for o in overrides)

@@ -15,10 +15,12 @@ from posttrain.rewards.api import (
     Recentred,
     RuleReward,
     WeightedSum,
+    decode_responses,
     reward_from_config,
+    score_rollouts,
 )
 from posttrain.rewards.reward_model import reward_scores, save_reward_model
-from posttrain.tokenizer import GemmaTokenizer, train_tokenizer
+from posttrain.tokenizer import END_OF_TURN_ID, PAD_ID, GemmaTokenizer, train_tokenizer
 
 PROMPTS = ["What is 3 plus 4?", "天気について教えてください。", "Tell me about trains.",
            [{"role": "user", "content": "山について教えてください。"}], "5 たす 6 はいくつですか？"]  # fmt: skip
@@ -116,3 +118,44 @@ def test_reward_from_config(assets):
         reward_from_config({"terms": [{"model": directory}]}, None)
     with pytest.raises(FileNotFoundError, match=r"head\.safetensors"):
         reward_from_config({"terms": [{"model": str(root)}]}, str(root / "tok.model"))
+
+
+def test_score_rollouts_decodes_sampled_rows_without_stop_or_padding(assets):
+    # Given sampled rows [5, t]: a response, <end_of_turn> (but not in row 1, cut at the
+    # length), then padding; row 3 has tokens past its length that must not be read,
+    _, tokenizer, _, _ = assets
+    ids = [tokenizer.encode(response) for response in RESPONSES]
+    width = max(map(len, ids)) + 4
+    rows = np.full((5, width), PAD_ID, np.int32)
+    lengths = np.zeros(5, np.int32)
+    for i, row in enumerate(ids):
+        tail = [] if i == 1 else [END_OF_TURN_ID]
+        rows[i, : len(row) + len(tail)] = row + tail
+        lengths[i] = len(row) + len(tail)
+    rows[3, lengths[3] :] = tokenizer.encode("Tell me about trains.")[: width - lengths[3]]
+    rule = RuleReward("language_match")
+
+    # when they are scored in one call, then the reward sees the texts alone,
+    texts = decode_responses(tokenizer, rows, lengths)
+    assert texts == [tokenizer.decode(row) for row in ids]
+    assert not any("<end_of_turn>" in text for text in texts)
+    scores = score_rollouts(rule, tokenizer, PROMPTS, rows, lengths)
+    np.testing.assert_array_equal(scores, rule(PROMPTS, texts))
+    np.testing.assert_array_equal(scores, [1, 1, 0, 0, 1])
+    assert scores.dtype == np.float32
+
+    # and a reward of the wrong shape, or a non-finite one, fails naming the reward.
+    def first_pair_only(prompts, responses):
+        return rule(prompts[:1], responses[:1])
+
+    with pytest.raises(ValueError, match=r"first_pair_only returned shape \(1,\), expected \(5,\)"):
+        score_rollouts(first_pair_only, tokenizer, PROMPTS, rows, lengths)
+    broken = Recentred(rule, offset=float("inf"))
+    with pytest.raises(
+        ValueError,
+        match=r"Recentred\(RuleReward\('language_match'\), offset=inf\) returned a non-finite "
+        r"reward -inf for pair 0 \(5 of 5\)",
+    ):
+        score_rollouts(broken, tokenizer, PROMPTS, rows, lengths)
+    with pytest.raises(ValueError, match=r"lengths \(4,\)"):
+        score_rollouts(rule, tokenizer, PROMPTS, rows, lengths[:4])

@@ -54,7 +54,7 @@ def test_reward_input_ends_at_end_of_turn_and_carries_the_preamble(assets):
 def test_malformed_pairs_are_named_or_skipped(assets):
     _, tokenizer = assets
     rows = [{"prompt": "a", "chosen": "b", "rejected": "c"}, {"prompt": "a", "chosen": "b"}]
-    with pytest.raises(DataError, match=r"pairs.jsonl: row 1: 'rejected'"):
+    with pytest.raises(DataError, match=r"pairs\.jsonl row 1 \(0-based\): 'rejected'"):
         build_preferences(rows, tokenizer, 64, "pairs.jsonl")
     pairs, stats = build_preferences(rows, tokenizer, 64, "pairs.jsonl", skip_malformed=True)
     assert stats.malformed_skipped == 1 and len(pairs.chosen) == 1
@@ -121,9 +121,9 @@ def test_chat_message_rows_and_row_preambles(assets):
     np.testing.assert_array_equal(a.chosen, b.chosen)
     np.testing.assert_array_equal(a.rejected, b.rejected)
     bad = {**chat, "rejected": [{"role": "user", "content": "別"}, *chat["rejected"][1:]]}
-    with pytest.raises(DataError, match=r"p: row 0: 'chosen' and 'rejected' differ"):
+    with pytest.raises(DataError, match=r"p row 0 \(0-based\): 'chosen' and 'rejected' differ"):
         build_preferences([bad], tokenizer, 64, "p")
-    with pytest.raises(DataError, match=r"p: row 0: 'chosen' must end with"):
+    with pytest.raises(DataError, match=r"p row 0 \(0-based\): 'chosen' must end with"):
         build_preferences([{**chat, "chosen": chat["chosen"][:1]}], tokenizer, 64, "p")
     # A row's preamble overrides the stage's; null means the stage's, "" means none.
     rows = [flat, {**flat, "preamble": None}, {**flat, "preamble": ""}, {**flat, "preamble": "Q"}]

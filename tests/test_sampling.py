@@ -179,3 +179,28 @@ def test_gumbel_noise_has_gumbel_moments_and_fresh_draws_each_step():
         assert abs(noise.var() - np.pi**2 / 6) < 0.06
     # The next step draws new noise, not a copy of this one.
     assert abs(np.corrcoef(np.ravel(first), np.ravel(second))[0, 1]) < 0.02
+
+
+def test_bucket_filling_prompt_to_max_new_tokens_equals_full_forward(params):
+    # The first prompt fills its 16-token bucket and no row stops, so the decode loop reaches
+    # the highest position it ever feeds (bucket + max_new_tokens - 1): a RoPE position bound
+    # below that would change the last log-probs (or make them NaN). Same shapes and settings
+    # as test_sampled_log_probs_equal_full_forward, so the compilation is shared.
+    prompts = [list(range(40, 56)), *PROMPTS[1:]]
+    assert sampler_module.bucket_length(len(prompts[0])) == len(prompts[0])
+    config = SamplingConfig(max_new_tokens=NEW, temperature=0.8, top_p=0.9, seed=3)
+    out = sample(CONFIG, params, prompts, config)
+    np.testing.assert_array_equal(out.lengths, NEW)  # no stop id was drawn with this seed
+    # Given the final sequences right-padded into one batch (segment 0 after the end), when one
+    # full forward scores them, then every step's model log-prob is the forward's.
+    width = len(prompts[0]) + NEW
+    tokens, segments = np.zeros((3, width), np.int32), np.zeros((3, width), np.int32)
+    for row, prompt in enumerate(prompts):
+        tokens[row, : len(prompt) + NEW] = [*prompt, *np.asarray(out.tokens[row])]
+        segments[row, : len(prompt) + NEW] = 1
+    log_probs = jax.nn.log_softmax(_forward(CONFIG, params, tokens, segment_ids=segments), axis=-1)
+    for row, prompt in enumerate(prompts):
+        steps = np.arange(len(prompt) - 1, len(prompt) - 1 + NEW)
+        np.testing.assert_allclose(
+            out.model_log_probs[row], log_probs[row, steps, tokens[row, steps + 1]], atol=1e-5
+        )

@@ -85,10 +85,13 @@ def test_four_unequal_micro_batches_equal_one_batch(setup):
 @pytest.mark.parametrize(
     ("row", "message"),
     [
-        ({"prompt": "hi"}, r"row 1: missing field\(s\) \['response'\]"),
-        ({"prompt": "hi", "response": 3}, "row 1: 'response' must be a string"),
-        ({"prompt": "hi", "response": "  "}, "row 1: empty response"),
-        ({"messages": [{"role": "user", "content": "hi"}]}, "row 1: no assistant/model turn"),
+        ({"prompt": "hi"}, r"row 1 \(0-based\): missing field\(s\) \['response'\]"),
+        ({"prompt": "hi", "response": 3}, r"row 1 \(0-based\): 'response' must be a string"),
+        ({"prompt": "hi", "response": "  "}, r"row 1 \(0-based\): empty response"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}]},
+            r"row 1 \(0-based\): no assistant/model turn",
+        ),
     ],
 )
 def test_malformed_rows_are_named(tokenizer, row, message):

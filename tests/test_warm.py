@@ -76,6 +76,24 @@ def test_greedy_soup_keeps_members_only_while_accuracy_holds():
     np.testing.assert_allclose(soup["x"], 0.975, rtol=1e-6)
 
 
+def test_greedy_soup_keeps_a_member_that_leaves_accuracy_equal():
+    # Held-out accuracy of a linear reward w on four pairs' chosen-minus-rejected features:
+    # a step function, so an addition can leave it exactly equal. A = (1, 0.2) and B = (1, 0.6)
+    # rank all four (1.0); their soup (1, 0.4) too, so B stays (WARM's rule: kept when the
+    # accuracy does not drop). C = (0.2, 3) ranks three (0.75); the soup of all three,
+    # (0.73, 1.27), misranks the third pair, so C is left out.
+    differences = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, -1.0], [0.0, 1.0]])
+    members = [{"w": jnp.asarray(w, jnp.float32)} for w in ([0.2, 3.0], [1.0, 0.2], [1.0, 0.6])]
+
+    def held_out_accuracy(params):
+        return float(np.mean(differences @ np.asarray(params["w"]) > 0))
+
+    assert [held_out_accuracy(m) for m in members] == [0.75, 1.0, 1.0]
+    soup, kept = greedy_soup(members, held_out_accuracy)
+    assert kept == [1, 2]
+    np.testing.assert_allclose(soup["w"], [1.0, 0.4], rtol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_warm_label_noise_experiment(seed):

@@ -39,6 +39,7 @@ from posttrain.data.synthetic_preferences import (
     preference_rows,
 )
 from posttrain.models import get_preset, init_params
+from posttrain.stages.kit import StageContext
 from posttrain.stages.reward import (
     RewardConfig,
     pair_metrics,
@@ -47,7 +48,6 @@ from posttrain.stages.reward import (
     train_reward_model,
 )
 from posttrain.tokenizer import GemmaTokenizer, train_tokenizer
-from posttrain.tracking import Tracker
 from posttrain.train.optim import OptimConfig
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -99,7 +99,7 @@ def run_experiment(
         start = time.perf_counter()
         train = encode(rows, name)
         stage = RewardConfig(
-            init_checkpoint="", tokenizer="", train=name, batch_size=16, steps=steps,
+            init_checkpoint="", train=name, batch_size=16, steps=steps,
             save_every=steps, seed=seed,
         )  # fmt: skip
         optim = OptimConfig(lr=lr, warmup_steps=20, total_steps=steps)
@@ -107,9 +107,9 @@ def run_experiment(
             "backbone": jax.tree.map(jnp.array, backbone),  # copies: training donates them
             "head": probe_head(config, backbone, train, 256),
         }
-        tracker = Tracker("disabled", "", workdir, {})
+        ctx = StageContext.standalone(workdir / name, name)
         trained = train_reward_model(
-            config, params, train, stage, optim, workdir / name / "checkpoints", tracker, name
+            ctx, config, params, train, stage, optim, workdir / name / "checkpoints", name
         ).state.params
         results[name] = {"seconds": time.perf_counter() - start}
         for pair_type, held in evaluation.items():

@@ -5,6 +5,9 @@ On disk it is an Orbax PyTree whose keys are '/'-joined module paths
 `transformer/` prefix, with the MLP weights as bare arrays and the gating weight always in the
 [2, d, f] layout; Gemma 2 9B/27B store it as [2, f, d] (`transpose_gating_einsum`). Embedding
 tables keep their 128 TPU padding rows (256128), recorded as `embed_padding`.
+
+Loading reads into shape/dtype targets, not the saver's shardings, so a tree written from any
+mesh loads on whatever devices this process has.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from posttrain.checkpoints.huggingface import CheckpointError
@@ -77,11 +81,26 @@ def params_from_official(tree: Params, config: ModelConfig) -> tuple[ModelConfig
             gating = mlp.get("gating_einsum")
             # [2, f, d] is the transposed layout of Gemma 2 9B/27B; d == f would be ambiguous.
             if gating is not None and np.shape(gating) == (2, f, d) and d != f:
-                mlp["gating_einsum"] = np.swapaxes(np.asarray(gating), 1, 2)
+                mlp["gating_einsum"] = _swap_inner_axes(gating)
             node = {**node, "mlp": mlp}
         params[name] = node
     _check_tree(params, config)
     return config, params
+
+
+def _as_array(x: Any) -> Any:
+    """jax arrays as they are (possibly sharded), anything else as numpy."""
+    return x if isinstance(x, jax.Array) else np.asarray(x)
+
+
+def _swap_inner_axes(x: Any) -> Any:
+    """[2, a, b] -> [2, b, a] for numpy arrays, jax arrays and shape structs alike."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((x.shape[0], x.shape[2], x.shape[1]), x.dtype)
+    if isinstance(x, jax.Array):
+        # Stays on the devices it is on: restored ones, or a sharded tree being saved.
+        return jnp.swapaxes(x, 1, 2)
+    return np.swapaxes(np.asarray(x), 1, 2)
 
 
 def _check_tree(params: Params, config: ModelConfig) -> None:
@@ -106,15 +125,19 @@ def _check_tree(params: Params, config: ModelConfig) -> None:
 
 def params_to_official(
     params: Params, config: ModelConfig, transpose_gating: bool = False
-) -> dict[str, dict[str, np.ndarray]]:
-    """Our params as the official flat tree ('transformer/...': {'w' | 'scale' | ...})."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for path, node in _flatten(jax.tree.map(np.asarray, params)).items():
+) -> dict[str, dict[str, Any]]:
+    """Our params as the official flat tree ('transformer/...': {'w' | 'scale' | ...}).
+
+    jax arrays stay jax arrays, so Orbax writes a sharded one shard by shard instead of
+    gathering it (which a multi-host tree cannot do); anything else becomes numpy.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for path, node in _flatten(jax.tree.map(_as_array, params)).items():
         key = f"transformer/{path}"
         if path.endswith("/mlp"):
             gating = node["gating_einsum"]
             if transpose_gating:
-                gating = np.swapaxes(gating, 1, 2)
+                gating = _swap_inner_axes(gating)
             out[f"{key}/gating_einsum"] = {"w": gating}
             out[f"{key}/linear"] = {"w": node["linear"]}
         else:
@@ -122,16 +145,39 @@ def params_to_official(
     return out
 
 
-def load_official(path: str | Path, config: ModelConfig) -> tuple[ModelConfig, Params]:
-    """Restore an official Orbax checkpoint directory for a model of `config`'s shape."""
+def load_official(
+    path: str | Path, config: ModelConfig, sharding: jax.sharding.Sharding | None = None
+) -> tuple[ModelConfig, Params]:
+    """Restore an official Orbax checkpoint for a model of `config`'s shape.
+
+    Every array is read as `config.param_dtype` onto `sharding` (default: this process's first
+    device), whatever mesh wrote it; `posttrain.sharding.shard_params` lays it out further.
+    """
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     if not path.exists():
         raise CheckpointError(f"official checkpoint {path} not found")
-    # Restore as numpy on the host: nothing is placed on a device until the caller shards it.
-    restored = ocp.PyTreeCheckpointer().restore(path)
-    restored = jax.tree.map(np.asarray, restored)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    checkpointer = ocp.PyTreeCheckpointer()
+    metadata = checkpointer.metadata(path).item_metadata
+    if metadata is None:
+        raise CheckpointError(f"official checkpoint {path} has no Orbax tree metadata")
+    dtype = jnp.dtype(config.param_dtype)
+    # Names and shapes are checked on the metadata first, so a wrong tree fails before any read.
+    params_from_official(
+        jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), metadata.tree), config
+    )
+    # Without targets Orbax looks for the saver's devices and fails on any other device set.
+    # The target dtype makes it cast while reading: no float32 copy of a bfloat16 model.
+    targets = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding), metadata.tree
+    )
+    restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
+    restored = checkpointer.restore(
+        path, args=ocp.args.PyTreeRestore(item=targets, restore_args=restore_args)
+    )
     return params_from_official(restored, config)
 
 

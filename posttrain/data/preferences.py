@@ -4,18 +4,23 @@ The reward model reads `<bos><start_of_turn>user\n{preamble}{prompt}<end_of_turn
 <start_of_turn>model\n{response}<end_of_turn>` and is scored at that final `<end_of_turn>`. A
 preamble (an instruction to the reward model, never shown to the policy) is prepended to the
 user turn when the config gives one; a row's own `preamble` field overrides it ("" = none).
+Other schemas are renamed by a column mapping, e.g. Stack Exchange paired / UltraFeedback-style
+{question: prompt, response_j: chosen, response_k: rejected} (`STACK_EXCHANGE_COLUMNS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from posttrain.data.prompts import DataError
+from posttrain.data.sources import DataError, check_columns, map_columns, read_rows, row_location
 from posttrain.tokenizer import END_OF_TURN_ID, PAD_ID, GemmaTokenizer
+
+# The mapping for pairs stored as question / preferred answer / other answer.
+STACK_EXCHANGE_COLUMNS = {"question": "prompt", "response_j": "chosen", "response_k": "rejected"}
 
 
 class PreferenceRows(NamedTuple):
@@ -35,7 +40,7 @@ class PreferenceStats:
 
     rows: int = 0
     pairs: int = 0
-    malformed_skipped: int = 0
+    malformed_skipped: int = 0  # unparsable lines skipped when reading included
     dropped_overlong: int = 0
     # The `pair_type` of every kept pair ("pairs" when the rows have none), for per-type metrics.
     pair_types: list[str] = dataclasses.field(default_factory=list, repr=False)
@@ -129,14 +134,24 @@ def build_preferences(
     source: str,
     preamble: str | None = None,
     skip_malformed: bool = False,
+    *,
+    columns: Mapping[str, str] | None = None,
+    read_skipped: int = 0,
 ) -> tuple[PreferenceRows, PreferenceStats]:
-    """Tokenize preference rows; a malformed pair names its file and row unless skipped."""
-    stats = PreferenceStats(rows=len(rows))
+    """Tokenize preference rows; a malformed pair names its file and line unless skipped.
+
+    `columns` renames columns of in-memory rows ({theirs: ours}; rows from `read_rows(...,
+    columns=...)` are renamed already, so pass it in one place only). `read_skipped`: malformed
+    lines `read_rows` skipped, counted in `rows` and `malformed_skipped`.
+    """
+    columns = check_columns(columns)
+    stats = PreferenceStats(rows=len(rows) + read_skipped, malformed_skipped=read_skipped)
     sides: list[tuple[list[int], list[int], float, float]] = []
     pair_types: list[str] = []
     for index, row in enumerate(rows):
-        where = f"{source}: row {index}"
+        where = row_location(rows, source, index)
         try:
+            row = map_columns(row, columns, where)
             prompt, chosen, rejected = pair_sides(row, where)
             margin = float(row.get("margin") or 0.0)
             label = float(row["label"]) if row.get("label") is not None else 1.0
@@ -153,9 +168,9 @@ def build_preferences(
             bad = encode_for_reward(tokenizer, prompt, rejected, row_preamble or None)
         except (DataError, TypeError, ValueError) as error:
             if not skip_malformed:
-                raise DataError(
-                    str(error) if str(error).startswith(source) else f"{where}: {error}"
-                ) from error
+                if isinstance(error, DataError):
+                    raise
+                raise DataError(f"{where}: {error}") from error
             stats.malformed_skipped += 1
             continue
         if max(len(good), len(bad)) > max_length:
@@ -188,3 +203,20 @@ def build_preferences(
         np.asarray([s[3] for s in sides], np.float32),
     )
     return rows_out, stats
+
+
+def load_preferences(
+    source: str,
+    tokenizer: GemmaTokenizer,
+    max_length: int,
+    *,
+    split: str = "train",
+    preamble: str | None = None,
+    skip_malformed: bool = False,
+    columns: Mapping[str, str] | None = None,
+) -> tuple[PreferenceRows, PreferenceStats]:
+    """Read (renaming `columns`, skipping malformed lines if asked) and tokenize a source."""
+    rows, skipped = read_rows(source, split, skip_malformed=skip_malformed, columns=columns)
+    return build_preferences(
+        rows, tokenizer, max_length, source, preamble, skip_malformed, read_skipped=skipped
+    )

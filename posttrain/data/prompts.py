@@ -5,27 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-_LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# Reading lives in sources.py; DataError and read_rows are importable from here too.
+from posttrain.data.sources import DataError, read_rows, row_location
 
-
-class DataError(ValueError):
-    """A malformed data file or row; the message names the file and the row."""
+__all__ = ["DataError", "load_prompts", "load_rows", "read_rows"]
 
 
 def load_rows(source: str, split: str = "train") -> list[dict[str, Any]]:
-    """Rows of a local JSON/JSONL/Parquet file or a Hugging Face dataset name."""
-    import datasets
-
-    path = Path(source)
-    if path.suffix in _LOCAL_FORMATS:
-        if not path.exists():
-            raise DataError(f"{source}: file not found")
-        dataset = datasets.load_dataset(
-            _LOCAL_FORMATS[path.suffix], data_files=str(path), split="train"
-        )
-    else:
-        dataset = datasets.load_dataset(source, split=split)
-    return list(dataset)
+    """Rows of a local JSON/JSONL/Parquet file or a Hugging Face dataset name (see read_rows)."""
+    return read_rows(source, split)[0]
 
 
 def load_prompts(source: str, column: str = "prompt", split: str = "train") -> list[Any]:
@@ -35,13 +23,19 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train") -> l
     if path.suffix == ".txt":
         if not path.exists():
             raise DataError(f"{source}: file not found")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
+        try:
+            lines = raw.decode("utf-8-sig").splitlines()
+        except UnicodeDecodeError as error:
+            line = raw.count(b"\n", 0, error.start) + 1
+            raise DataError(f"{source} line {line}: not UTF-8 ({error.reason})") from error
         prompts = [line for line in lines if line.strip()]
         if not prompts:
             raise DataError(f"{source}: no prompts")
         return prompts
     prompts = []
-    for index, row in enumerate(load_rows(source, split)):
+    rows = load_rows(source, split)
+    for index, row in enumerate(rows):
         value = row.get(column)
         valid_text = isinstance(value, str) and value.strip()
         valid_chat = isinstance(value, list) and all(
@@ -49,7 +43,7 @@ def load_prompts(source: str, column: str = "prompt", split: str = "train") -> l
         )
         if not (valid_text or valid_chat):
             raise DataError(
-                f"{source}: row {index} has no usable {column!r} "
+                f"{row_location(rows, source, index)}: no usable {column!r} "
                 f"(expected a non-empty string or a list of chat turns), got {value!r:.80}"
             )
         prompts.append(value)

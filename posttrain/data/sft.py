@@ -1,6 +1,7 @@
 """SFT data: rows -> Gemma chat tokens with a loss mask -> packed or padded batches.
 
-Rows hold chat `messages` (a list of {role, content}) or `prompt` / `response` strings. The
+Rows hold chat `messages` (a list of {role, content}) or `prompt` / `response` strings (other
+schemas are renamed by `data.columns`, e.g. Alpaca's {instruction: prompt, output: response}). The
 loss mask covers every model turn and its `<end_of_turn>`. Batches come from a deterministic,
 seeded shuffle whose position (epoch, index) is part of the training checkpoint.
 """
@@ -8,12 +9,12 @@ seeded shuffle whose position (epoch, index) is part of the training checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from posttrain.data.prompts import DataError, load_rows
+from posttrain.data.sources import DataError, check_columns, read_rows, row_location
 from posttrain.tokenizer import PAD_ID, GemmaTokenizer
 
 OVERLONG = ("truncate", "drop")
@@ -32,8 +33,12 @@ class DataConfig:
     packing: bool = False  # several examples per row, separated by segment ids
     batch_size: int = 8  # rows per optimizer step (all micro-batches together)
     seed: int = 0
+    # {their column: ours} applied when reading, before validation (see sources.map_columns);
+    # None (the YAML default) = no renaming.
+    columns: Mapping[str, str] | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "columns", check_columns(self.columns, "data.columns"))
         if self.overlong not in OVERLONG:
             raise ValueError(f"data.overlong={self.overlong!r}; expected one of {OVERLONG}")
         if self.max_length < 2 or self.batch_size < 1:
@@ -53,14 +58,13 @@ class DataStats:
 
     rows: int = 0
     examples: int = 0
-    malformed_skipped: int = 0
+    malformed_skipped: int = 0  # unparsable lines skipped when reading included
     truncated: int = 0
     dropped_overlong: int = 0
 
 
-def row_messages(row: dict[str, Any], source: str, index: int) -> list[dict[str, str]]:
-    """The conversation of a row, or a DataError naming the file, the row and the problem."""
-    where = f"{source}: row {index}"
+def row_messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    """The conversation of a row, or a DataError naming `where` (file and line) and the problem."""
     if "messages" in row and row["messages"] is not None:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
@@ -95,20 +99,27 @@ def build_examples(
     tokenizer: GemmaTokenizer,
     config: DataConfig,
     source: str,
+    *,
+    read_skipped: int = 0,
 ) -> tuple[list[Example], DataStats]:
-    """Tokenize rows; malformed and over-long rows are handled as the config says, and counted."""
-    stats = DataStats(rows=len(rows))
+    """Tokenize rows; malformed and over-long rows are handled as the config says, and counted.
+
+    `read_skipped`: malformed lines `read_rows` already skipped, counted in `rows` and
+    `malformed_skipped`. `config.columns` is applied by `read_rows`, not here.
+    """
+    stats = DataStats(rows=len(rows) + read_skipped, malformed_skipped=read_skipped)
     examples = []
     for index, row in enumerate(rows):
+        where = row_location(rows, source, index)
         try:
-            messages = row_messages(row, source, index)
-            ids, mask = tokenizer.encode_chat_with_roles(messages)
-        except (DataError, ValueError) as error:
+            messages = row_messages(row, where)
+            try:
+                ids, mask = tokenizer.encode_chat_with_roles(messages)
+            except ValueError as error:  # e.g. an unknown role; the tokenizer cannot name the row
+                raise DataError(f"{where}: {error}") from error
+        except DataError:
             if not config.skip_malformed:
-                message = str(error)
-                raise DataError(
-                    message if message.startswith(source) else f"{source}: row {index}: {message}"
-                ) from error
+                raise
             stats.malformed_skipped += 1
             continue
         if len(ids) > config.max_length:
@@ -130,8 +141,11 @@ def build_examples(
 def load_examples(
     source: str, tokenizer: GemmaTokenizer, config: DataConfig
 ) -> tuple[list[Example], DataStats]:
-    """Load and tokenize a local file or hub dataset."""
-    return build_examples(load_rows(source, config.split), tokenizer, config, source)
+    """Read (with `config.columns` and `config.skip_malformed`) and tokenize a source."""
+    rows, skipped = read_rows(
+        source, config.split, skip_malformed=config.skip_malformed, columns=config.columns
+    )
+    return build_examples(rows, tokenizer, config, source, read_skipped=skipped)
 
 
 class Rows(NamedTuple):

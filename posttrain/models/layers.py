@@ -144,13 +144,19 @@ def rope_sin_cos(
 
     XLA evaluates a sine or cosine fused into each head's rotation once per element, in every
     layer and again in the backward pass: a table read instead made a 4-layer reward step 7-10%
-    shorter on CPU. Positions past the bound would read clamped entries, so the bound is a
-    promise the caller makes.
+    shorter on CPU. The bound is a promise the caller makes: a position outside [0, bound)
+    reads NaN, not the clamped entry a gather would give, so a bound too small for its
+    positions shows in the logits instead of shifting them silently.
     """
     if bound is None or bound * (head_dim // 2) > MAX_ROPE_TABLE:
         return rope_tables(positions, head_dim, base)
+    inside = ((positions >= 0) & (positions < bound))[..., None]  # [b, t, 1]
+
+    def read(table: np.ndarray) -> Array:
+        return jnp.where(inside, jnp.asarray(table)[positions], jnp.nan)[:, :, None, :]
+
     sin, cos = _rope_table(bound, head_dim, base)
-    return jnp.asarray(sin)[positions][:, :, None, :], jnp.asarray(cos)[positions][:, :, None, :]
+    return read(sin), read(cos)
 
 
 def apply_rope(x: Array, sin: Array, cos: Array) -> Array:

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from posttrain.models.config import ModelConfig
-from posttrain.models.transformer import forward
+from posttrain.models.transformer import check_token_ids, forward
 
 Params = dict[str, Any]
 
@@ -31,6 +31,9 @@ class Model:
 
     def __call__(self, tokens: Any, segment_ids: Any | None = None) -> jax.Array:
         """Float32 logits [b, t, v] for int token ids [b, t] (segment id 0 marks padding)."""
+        # Checked on the host before the int32 cast, which would wrap an id past 2**31; inside
+        # the jitted forward the ids are traced and the guard there cannot see them.
+        check_token_ids(tokens, self.config.vocab_size, "Model")
         tokens = jnp.asarray(tokens, jnp.int32)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, length], got shape {tokens.shape}")

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from posttrain.models.attention import Attention, LayerCache
 from posttrain.models.cache import DecodeCache, cache_from_prefill, write_positions
@@ -191,6 +192,30 @@ def param_logical_axes(config: ModelConfig) -> Params:
     return nn.get_partition_spec(boxed)["params"]
 
 
+def check_token_ids(tokens: Any, vocab_size: int, where: str) -> None:
+    """Raise a ValueError naming the largest id outside [0, vocab_size); tracers pass unchecked."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    if isinstance(tokens, jax.Array) and not tokens.is_fully_addressable:
+        # Only this process's shards can be read; each process checks its own.
+        pieces = [np.asarray(shard.data) for shard in tokens.addressable_shards]
+    else:
+        pieces = [np.asarray(tokens)]
+    pieces = [piece.ravel() for piece in pieces if piece.size]
+    if not pieces:
+        return
+    ids = np.concatenate(pieces)
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{where}: token ids must be integers, got dtype {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        worst = bad.max() if (bad >= vocab_size).any() else bad.min()
+        raise ValueError(
+            f"{where}: token id {int(worst)} is out of range for vocab_size={vocab_size} "
+            f"(ids must be in [0, {vocab_size}); {bad.size} of {ids.size} ids are outside)"
+        )
+
+
 def forward(
     config: ModelConfig,
     params: Params,
@@ -198,7 +223,10 @@ def forward(
     positions: Array | None = None,
     segment_ids: Array | None = None,
 ) -> Array:
-    """Float32 logits [b, t, v] of the whole sequence."""
+    """Float32 logits [b, t, v] of the whole sequence; concrete out-of-range ids raise."""
+    # An out-of-range id gathers garbage (or NaN) silently; under jit it cannot raise, and a
+    # traced array is skipped so the guard adds nothing to the compiled graph.
+    check_token_ids(tokens, config.vocab_size, "forward")
     out = Transformer(config).apply({"params": params}, tokens, positions, segment_ids)
     return out.logits
 

@@ -11,6 +11,10 @@ From a config (a stage's `reward` key): a rule name, or
              {model: runs/warm/reward_model, preamble: "...", weight: 0.5},
              {ensemble: [dir_a, dir_b]}],
      offset: 0.0}
+
+Sampled token rows are scored in one call with `score_rollouts` (decode, then score), and any
+reward's output is checked by `score_responses`: one finite float per pair, or an error naming
+the reward.
 """
 
 from __future__ import annotations
@@ -21,13 +25,17 @@ from typing import Any, Protocol
 
 import jax
 import numpy as np
+import numpy.typing as npt
 
+from posttrain.checkpoints.bundle import TOKENIZER_FILE, export_metadata, resolve_tokenizer
 from posttrain.data.preferences import Prompt, encode_for_reward
 from posttrain.rewards.reward_model import load_reward_model, reward_scores
 from posttrain.rewards.rules import get_rule
-from posttrain.tokenizer import PAD_ID, GemmaTokenizer
+from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID, PAD_ID, GemmaTokenizer
 
 LENGTH_BUCKET = 32  # inputs are padded to a multiple of this, so few shapes are compiled
+# Never part of a response's text: a reward model would read `<end_of_turn>` as the turn's end.
+NON_TEXT_IDS = (PAD_ID, EOS_ID, END_OF_TURN_ID)
 
 
 class RewardFunction(Protocol):
@@ -53,6 +61,9 @@ class RuleReward:
         self.name = name
         self.rule = get_rule(name)
 
+    def __repr__(self) -> str:
+        return f"RuleReward({self.name!r})"
+
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         """Rule rewards of each pair."""
         _check_lengths(prompts, responses)
@@ -68,24 +79,32 @@ class ModelReward:
     def __init__(
         self,
         directory: str | Path,
-        tokenizer: GemmaTokenizer | str | Path,
+        tokenizer: GemmaTokenizer | str | Path | None = None,
         preamble: str | None = None,
         batch_size: int = 16,
     ) -> None:
+        """`tokenizer` and `preamble` default to the ones the directory carries (the reward and
+        warm stages export them); a tokenizer that differs from the carried one is refused, and
+        `preamble=""` scores without one."""
         self.directory = str(directory)
         self.config, self.params = load_reward_model(directory)
-        self.tokenizer = (
-            tokenizer if isinstance(tokenizer, GemmaTokenizer) else GemmaTokenizer(tokenizer)
-        )
-        if self.tokenizer.vocab_size > self.config.vocab_size:
+        if not isinstance(tokenizer, GemmaTokenizer):
+            tokenizer = GemmaTokenizer(resolve_tokenizer(tokenizer, directory))
+        self.tokenizer = tokenizer
+        if self.tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError(
-                f"{directory}: tokenizer has {self.tokenizer.vocab_size} pieces, the reward "
-                f"model only {self.config.vocab_size}"
+                f"{directory}: the tokenizer has {self.tokenizer.vocab_size} pieces but the "
+                f"reward model a vocabulary of {self.config.vocab_size}; they must be equal"
             )
-        self.preamble = preamble
+        if preamble is None:
+            preamble = export_metadata(directory).get("preamble")
+        self.preamble = preamble or None
         self.batch_size = batch_size
         config = self.config
         self._score = jax.jit(lambda p, t, s: reward_scores(config, p, t, s))
+
+    def __repr__(self) -> str:
+        return f"ModelReward({self.directory!r})"
 
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         """Reward-model scores at each response's final `<end_of_turn>`."""
@@ -118,6 +137,9 @@ class EnsembleReward:
             raise ValueError("an ensemble needs at least one member")
         self.members = list(members)
 
+    def __repr__(self) -> str:
+        return f"EnsembleReward({self.members!r})"
+
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         """Mean member reward of each pair."""
         return np.mean([m(prompts, responses) for m in self.members], axis=0).astype(np.float32)
@@ -130,6 +152,9 @@ class WeightedSum:
         if not terms:
             raise ValueError("a weighted sum needs at least one term")
         self.terms = list(terms)
+
+    def __repr__(self) -> str:
+        return f"WeightedSum({self.terms!r})"
 
     def __call__(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> np.ndarray:
         """Weighted sum of the terms' rewards."""
@@ -146,6 +171,9 @@ class Recentred:
         self.reward = reward
         self.offset = float(offset)
 
+    def __repr__(self) -> str:
+        return f"Recentred({self.reward!r}, offset={self.offset})"
+
     def fit(self, prompts: Sequence[Prompt], responses: Sequence[str]) -> Recentred:
         """Offset = the mean raw reward of these samples (the SFT policy's, usually)."""
         self.offset = float(np.mean(self.reward(prompts, responses)))
@@ -159,6 +187,75 @@ class Recentred:
 def _check_lengths(prompts: Sequence[Any], responses: Sequence[Any]) -> None:
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+
+
+def reward_name(reward_fn: Any) -> str:
+    """How errors name a reward: its repr, or a plain function's qualified name."""
+    name = getattr(reward_fn, "__qualname__", None)
+    return name if isinstance(name, str) else repr(reward_fn)
+
+
+def check_rewards(rewards: Any, expected: int, reward_fn: Any) -> np.ndarray:
+    """`rewards` as float32 [expected], or a ValueError naming `reward_fn` (shape, NaN, inf)."""
+    try:
+        values = np.asarray(rewards, np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"reward {reward_name(reward_fn)} returned {type(rewards).__name__}, not numbers"
+        ) from error
+    if values.shape != (expected,):
+        raise ValueError(
+            f"reward {reward_name(reward_fn)} returned shape {values.shape}, expected "
+            f"({expected},) (one reward per (prompt, response) pair)"
+        )
+    bad = np.flatnonzero(~np.isfinite(values))
+    if bad.size:
+        raise ValueError(
+            f"reward {reward_name(reward_fn)} returned a non-finite reward "
+            f"{values[bad[0]]} for pair {bad[0]} ({bad.size} of {expected})"
+        )
+    return values
+
+
+def score_responses(
+    reward_fn: RewardFunction, prompts: Sequence[Prompt], responses: Sequence[str]
+) -> np.ndarray:
+    """reward_fn(prompts, responses), checked: float32 [n], finite, errors naming the reward."""
+    _check_lengths(prompts, responses)
+    return check_rewards(reward_fn(prompts, responses), len(responses), reward_fn)
+
+
+def decode_responses(
+    tokenizer: GemmaTokenizer,
+    response_ids: npt.ArrayLike,
+    lengths: npt.ArrayLike,
+    stop_ids: Sequence[int] = (),
+) -> list[str]:
+    """Text of each sampled row [n, t] cut at its length [n], without stop tokens or padding."""
+    # Pad, <eos> and <end_of_turn> are always dropped; `stop_ids` adds a sampler's own stops.
+    rows, lengths = np.asarray(response_ids), np.asarray(lengths)
+    if rows.ndim != 2 or lengths.shape != rows.shape[:1]:
+        raise ValueError(
+            f"response_ids {rows.shape} and lengths {lengths.shape}: expected [n, t] and [n]"
+        )
+    dropped = np.asarray(sorted({*NON_TEXT_IDS, *stop_ids}))
+    return [
+        tokenizer.decode(row[:length][~np.isin(row[:length], dropped)].tolist())
+        for row, length in zip(rows, lengths, strict=True)
+    ]
+
+
+def score_rollouts(
+    reward_fn: RewardFunction,
+    tokenizer: GemmaTokenizer,
+    prompts: Sequence[Prompt],
+    response_ids: npt.ArrayLike,
+    lengths: npt.ArrayLike,
+    stop_ids: Sequence[int] = (),
+) -> np.ndarray:
+    """Rewards float32 [n] of sampled rows [n, t] (lengths [n]): decoded, scored, checked."""
+    responses = decode_responses(tokenizer, response_ids, lengths, stop_ids)
+    return score_responses(reward_fn, prompts, responses)
 
 
 _TERM_KEYS = {"rule", "model", "ensemble", "weight", "preamble", "tokenizer", "batch_size"}
@@ -187,12 +284,14 @@ def reward_from_config(spec: str | Mapping[str, Any], tokenizer: str | None) -> 
         if sources[0] == "rule":
             terms.append((float(term.get("weight", 1.0)), RuleReward(term["rule"])))
             continue
-        term_tokenizer = term.get("tokenizer") or tokenizer
-        if term_tokenizer is None:
-            raise ValueError(f"{where}: a reward model needs a tokenizer (term or stage)")
-        shared = GemmaTokenizer(term_tokenizer)
 
-        def model(directory: str, t: Mapping[str, Any] = term, tok: GemmaTokenizer = shared):
+        def model(directory: str, t: Mapping[str, Any] = term) -> ModelReward:
+            # A reward model reads text with its own tokenizer: the one it carries, else the
+            # term's, else the stage's (the policy's).
+            carried = (Path(directory) / TOKENIZER_FILE).exists()
+            tok = t.get("tokenizer") or (None if carried else tokenizer)
+            if tok is None and not carried:
+                raise ValueError(f"{directory} carries no tokenizer: set the reward term's")
             return ModelReward(directory, tok, t.get("preamble"), int(t.get("batch_size", 16)))
 
         if sources[0] == "model":

@@ -1,4 +1,8 @@
-"""Best-of-N: N samples per prompt, scored by any reward callable, best one kept.
+"""Best-of-N: N samples per prompt, scored by a reward function, best one kept.
+
+`best_of_n` takes prompt objects and the text `RewardFunction` of `posttrain.rewards.api` (the
+one reward shape of sampling, RL and evaluation); `best_of_n_tokens` takes token ids and a
+token-level scorer, for rewards that never see text.
 
 Also the unbiased estimate of E[max reward of n draws] for every n <= N from one pool of N
 (Nakano et al. 2021, App. I; `shared/design/algorithms.md` §6.4), which draws whole BoN curves
@@ -14,65 +18,115 @@ import jax
 import numpy as np
 from scipy.special import gammaln
 
+from posttrain.data.preferences import Prompt
 from posttrain.models import ModelConfig
-from posttrain.sampling.sampler import SamplingConfig, sample
+from posttrain.rewards.api import RewardFunction, check_rewards, decode_responses, score_responses
+from posttrain.sampling.prompting import encode_prompt
+from posttrain.sampling.sampler import SampleOutput, SamplingConfig, sample
+from posttrain.tokenizer import GemmaTokenizer
 
 Params = dict[str, Any]
-# Scores a batch of (prompt, response) token-id pairs: returns one float per pair.
-RewardFn = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Any]
+# Scores (prompt ids, response ids) pairs, the response cut at its length (stop token kept):
+# one float per pair.
+TokenScorer = Callable[[Sequence[Sequence[int]], Sequence[Sequence[int]]], Any]
 
 
 class BestOfNOutput(NamedTuple):
-    """The chosen response per prompt and the whole scored pool."""
+    """The chosen response per prompt and the whole scored pool (b prompts, n samples each)."""
 
     best_tokens: np.ndarray  # [b, max_new_tokens]
-    best_rewards: np.ndarray  # [b]
+    best_rewards: np.ndarray  # [b] float32
     best_index: np.ndarray  # [b] index in the pool (first maximum on ties)
     pool_tokens: np.ndarray  # [b, n, max_new_tokens]
-    pool_rewards: np.ndarray  # [b, n]
-    pool_lengths: np.ndarray  # [b, n]
+    pool_rewards: np.ndarray  # [b, n] float32
+    pool_lengths: np.ndarray  # [b, n] generated tokens, the stop token included
     pool_model_log_probs: np.ndarray  # [b, n] total log p of each response under the model
+    # The texts the reward scored (no stop token, no padding); None from best_of_n_tokens.
+    best_responses: list[str] | None = None  # [b]
+    pool_responses: list[list[str]] | None = None  # [b][n]
 
 
 def best_of_n(
     config: ModelConfig,
     params: Params,
-    prompts: Sequence[Sequence[int]],
+    tokenizer: GemmaTokenizer,
+    prompts: Sequence[Prompt],
     n: int,
-    reward_fn: RewardFn,
+    reward_fn: RewardFunction,
+    sampling: SamplingConfig | None = None,
+    rng: jax.Array | None = None,
+    *,
+    chat: bool = True,
+) -> BestOfNOutput:
+    """Draw `n` samples per prompt (chat-formatted), score their texts in one call, keep the best.
+
+    `chat=False` encodes string prompts as raw text after <bos> (chat-turn prompts stay chats).
+    """
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} pieces but the model only {config.vocab_size}"
+        )
+    sampling = sampling or SamplingConfig()
+    ids = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
+    out = _draw(config, params, ids, n, sampling, rng)
+    texts = decode_responses(tokenizer, out.tokens, out.lengths, sampling.stop_ids)
+    rewards = score_responses(reward_fn, [p for p in prompts for _ in range(n)], texts)
+    pool = _select(out, rewards, len(prompts), n)
+    pool_texts = [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+    return pool._replace(
+        best_responses=[pool_texts[i][j] for i, j in enumerate(pool.best_index)],
+        pool_responses=pool_texts,
+    )
+
+
+def best_of_n_tokens(
+    config: ModelConfig,
+    params: Params,
+    prompt_ids: Sequence[Sequence[int]],
+    n: int,
+    score_tokens: TokenScorer,
     sampling: SamplingConfig | None = None,
     rng: jax.Array | None = None,
 ) -> BestOfNOutput:
-    """Draw `n` samples per prompt in one batch, score them in one call, keep the best."""
+    """Best-of-N on token ids: `score_tokens(prompt_ids, response_ids)` scores the pool."""
+    sampling = sampling or SamplingConfig()
+    out = _draw(config, params, prompt_ids, n, sampling, rng)
+    repeated = [list(prompt) for prompt in prompt_ids for _ in range(n)]
+    responses = [row[:length].tolist() for row, length in zip(out.tokens, out.lengths, strict=True)]
+    rewards = check_rewards(score_tokens(repeated, responses), len(repeated), score_tokens)
+    return _select(out, rewards, len(prompt_ids), n)
+
+
+def _draw(
+    config: ModelConfig,
+    params: Params,
+    prompt_ids: Sequence[Sequence[int]],
+    n: int,
+    sampling: SamplingConfig,
+    rng: jax.Array | None,
+) -> SampleOutput:
+    """n samples of each prompt in one batch, prompt-major ([b * n] rows), as numpy arrays."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
-    sampling = sampling or SamplingConfig()
-    repeated = [list(prompt) for prompt in prompts for _ in range(n)]
+    repeated = [list(prompt) for prompt in prompt_ids for _ in range(n)]
     out = sample(config, params, repeated, sampling, rng)
-    tokens = np.asarray(out.tokens)
-    lengths = np.asarray(out.lengths)
-    responses = [row[:length].tolist() for row, length in zip(tokens, lengths, strict=True)]
-    rewards = np.asarray(reward_fn(repeated, responses), np.float64)
-    if rewards.shape != (len(repeated),):
-        raise ValueError(
-            f"reward_fn returned shape {rewards.shape}, expected ({len(repeated)},) "
-            "(one reward per (prompt, response) pair)"
-        )
-    if not np.all(np.isfinite(rewards)):
-        raise ValueError("reward_fn returned a non-finite reward")
-    batch = len(prompts)
-    pool_tokens = tokens.reshape(batch, n, -1)
+    return SampleOutput(*(np.asarray(field) for field in out))
+
+
+def _select(out: SampleOutput, rewards: np.ndarray, batch: int, n: int) -> BestOfNOutput:
+    """The pool [b, n] of the b * n sampled rows and the first best of each prompt."""
+    pool_tokens = out.tokens.reshape(batch, n, -1)
     pool_rewards = rewards.reshape(batch, n)
     best = np.argmax(pool_rewards, axis=1)  # numpy returns the first maximum on ties
-    log_probs = np.asarray(out.model_log_probs).sum(-1).reshape(batch, n)
+    rows = np.arange(batch)
     return BestOfNOutput(
-        best_tokens=pool_tokens[np.arange(batch), best],
-        best_rewards=pool_rewards[np.arange(batch), best],
+        best_tokens=pool_tokens[rows, best],
+        best_rewards=pool_rewards[rows, best],
         best_index=best,
         pool_tokens=pool_tokens,
         pool_rewards=pool_rewards,
-        pool_lengths=lengths.reshape(batch, n),
-        pool_model_log_probs=log_probs,
+        pool_lengths=out.lengths.reshape(batch, n),
+        pool_model_log_probs=out.model_log_probs.sum(-1).reshape(batch, n),
     )
 
 

@@ -17,16 +17,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
+from jax.sharding import PartitionSpec
 
 from posttrain.checkpoints import load_hf
 from posttrain.data.preferences import PreferenceRows, PreferenceStats, build_preferences
-from posttrain.data.prompts import load_rows
+from posttrain.data.prompts import read_rows
 from posttrain.data.sft import BatchIterator
 from posttrain.data.shared_prompt import SharedPromptPairs, share_prompts
 from posttrain.losses.bradley_terry import bradley_terry_loss, preference_metrics
-from posttrain.models import ModelConfig
+from posttrain.models import ModelConfig, param_logical_axes
 from posttrain.rewards.reward_model import (
     fit_linear_probe,
     init_head,
@@ -35,11 +34,12 @@ from posttrain.rewards.reward_model import (
     save_reward_model,
     shared_prompt_rewards,
 )
+from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
+from posttrain.stages.kit import StageContext, bundle_tokenizer, gather_to_host
+from posttrain.stages.registry import register_stage
 from posttrain.tokenizer import GemmaTokenizer
-from posttrain.tracking import Tracker
-from posttrain.train.checkpointing import Checkpointer
-from posttrain.train.loop import LoopResult, run_training
-from posttrain.train.optim import OptimConfig, make_optimizer
+from posttrain.train.loop import LoopResult
+from posttrain.train.optim import OptimConfig, make_optimizer, make_schedule
 from posttrain.train.step import init_state, make_train_step
 
 Params = dict[str, Any]
@@ -50,10 +50,11 @@ class RewardConfig:
     """The reward stage's settings."""
 
     init_checkpoint: str  # SFT checkpoint (Hugging Face directory): the backbone
-    tokenizer: str
     train: str  # preference rows: prompt, chosen, rejected[, margin, label, preamble, pair_type]
+    tokenizer: str | None = None  # default: the one the SFT checkpoint carries
     eval: str | None = None
     split: str = "train"
+    columns: dict[str, str] | None = None  # file column -> ours (prompt, chosen, rejected, ...)
     preamble: str | None = None  # instruction to the reward model, prepended to the prompt
     max_length: int = 128
     skip_malformed: bool = False
@@ -67,6 +68,19 @@ class RewardConfig:
     # Train on each pair's common prefix once: same rewards, fewer tokens.
     share_prompts: bool = True
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "max_length", "probe_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ValueError(f"stage.save_every must be >= 0, got {self.save_every}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"stage.dropout must be in [0, 1), got {self.dropout}")
+        if self.center_coefficient < 0:
+            raise ValueError(
+                f"stage.center_coefficient must be >= 0, got {self.center_coefficient}"
+            )
 
 
 @dataclasses.dataclass
@@ -84,9 +98,17 @@ def load_preference_splits(
     """Tokenize the training (and held-out) pairs named by the stage."""
 
     def build(source: str) -> tuple[PreferenceRows, PreferenceStats]:
-        rows = load_rows(source, stage.split)
+        rows, unreadable = read_rows(
+            source, stage.split, skip_malformed=stage.skip_malformed, columns=stage.columns
+        )
         return build_preferences(
-            rows, tokenizer, stage.max_length, source, stage.preamble, stage.skip_malformed
+            rows,
+            tokenizer,
+            stage.max_length,
+            source,
+            stage.preamble,
+            stage.skip_malformed,
+            read_skipped=unreadable,
         )
 
     train, stats = build(stage.train)
@@ -145,42 +167,52 @@ def _reward_train_step(
     return optimizer, make_train_step(loss_terms, optimizer, needs_rng=dropout > 0.0)
 
 
+def reward_logical_axes(config: ModelConfig) -> Params:
+    """Logical axes of {'backbone', 'head'}: the head's weight lies along the model width."""
+    return {
+        "backbone": param_logical_axes(config),
+        "head": {"w": PartitionSpec("embed"), "b": PartitionSpec()},
+    }
+
+
 def train_reward_model(
+    ctx: StageContext,
     config: ModelConfig,
     params: Params,
     rows: PreferenceRows,
     stage: RewardConfig,
     optim: OptimConfig,
     checkpoint_dir: Path,
-    tracker: Tracker,
     description: str = "reward",
+    step_offset: int = 0,
+    tags: dict[str, Any] | None = None,
 ) -> LoopResult:
-    """Bradley-Terry training of backbone and head; resumes from `checkpoint_dir`."""
-    optimizer, step_fn = _reward_train_step(config, optim, stage.center_coefficient, stage.dropout)
-    checkpointer = Checkpointer(checkpoint_dir)
-    bar = tqdm(total=stage.steps, desc=description)
+    """Bradley-Terry training of backbone and head on the stage's mesh; resumes from
+    `checkpoint_dir`."""
+    optimizer, jitted_step = _reward_train_step(
+        config, optim, stage.center_coefficient, stage.dropout
+    )
+    mesh = ctx.mesh
+    params = shard_params(params, reward_logical_axes(config), mesh)
 
-    def on_metrics(step: int, metrics: dict[str, float], state) -> None:
-        bar.n = step
-        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        bar.refresh()
-        tracker.log({f"{description}/{k}": v for k, v in metrics.items()}, step)
+    def step_fn(state, batch):
+        with activation_sharding(mesh):
+            return jitted_step(state, shard_batch(batch, mesh))
 
-    try:
-        return run_training(
-            init_state(params, optimizer, stage.seed),
-            step_fn,
-            BatchIterator(
-                share_prompts(rows) if stage.share_prompts else rows, stage.batch_size, stage.seed
-            ),
-            checkpointer,
-            stage.steps,
-            stage.save_every,
-            on_metrics,
-        )
-    finally:
-        bar.close()
-        checkpointer.close()
+    return ctx.train(
+        place_on_mesh(init_state(params, optimizer, stage.seed), mesh),
+        step_fn,
+        BatchIterator(
+            share_prompts(rows) if stage.share_prompts else rows, stage.batch_size, stage.seed
+        ),
+        stage.steps,
+        stage.save_every,
+        checkpoint_dir=checkpoint_dir,
+        schedule=make_schedule(optim),
+        desc=description,
+        step_offset=step_offset,
+        tags=tags,
+    )
 
 
 @functools.cache
@@ -232,52 +264,59 @@ def evaluate_reward_model(
     return metrics
 
 
-def stage_config(cfg: DictConfig, config_class: type) -> Any:
-    """The stage's dataclass from `cfg.stage` (without its `name`)."""
-    values = OmegaConf.to_container(cfg.stage, resolve=True)
-    return config_class(**{k: v for k, v in values.items() if k != "name"})
+def save_reward_export(
+    ctx: StageContext, config: ModelConfig, params: Params, directory: Path, tokenizer, preamble
+) -> str:
+    """Write the reward model with its tokenizer and preamble (process 0); returns its path."""
+    host = gather_to_host(params)
+    if ctx.is_main:
+        save_reward_model(config, host, directory)
+        bundle_tokenizer(directory, tokenizer.model_file, preamble=preamble)
+    return str(directory)
 
 
-def make_tracker(cfg: DictConfig) -> Tracker:
-    """The stage's wandb run (offline by default) with the resolved config."""
-    return Tracker(
-        cfg.logger.mode,
-        cfg.logger.project,
-        cfg.run_dir,
-        OmegaConf.to_container(cfg, resolve=True),
-        group=cfg.logger.group,
-        name=cfg.logger.name,
-    )
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
+@register_stage(
+    "reward",
+    groups=("stage", "optim", "logger"),
+    trains=True,
+    headline=("eval_accuracy", "train_accuracy", "eval_margin", "steps"),
+)
+def run(ctx: StageContext) -> dict[str, Any]:
     """Train the reward model; returns its metrics."""
-    stage = stage_config(cfg, RewardConfig)
-    optim = OptimConfig(**{**OmegaConf.to_container(cfg.optim), "total_steps": stage.steps})
-    run_dir = Path(cfg.run_dir)
-    tokenizer = GemmaTokenizer(stage.tokenizer)
+    stage = ctx.settings(RewardConfig)
+    optim = ctx.optim()
+    tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)
     config, backbone = load_hf(stage.init_checkpoint)
+    ctx.check_vocab(config, tokenizer, stage.init_checkpoint)
+    ctx.check_memory(reward_memory(config, optim, stage, ctx.mesh), "this reward-model run")
     splits = load_preference_splits(stage, tokenizer, stage.batch_size)
     head = init_head(config)
     if stage.linear_probe:
         head = probe_head(config, backbone, splits.train, stage.probe_pairs)
     params = {"backbone": jax.tree.map(jnp.asarray, backbone), "head": head}
-    tracker = make_tracker(cfg)
-    try:
-        result = train_reward_model(
-            config, params, splits.train, stage, optim, run_dir / "checkpoints", tracker
-        )
-        metrics: dict[str, Any] = dict(
-            steps=int(result.state.step),
-            interrupted=result.interrupted,
-            **{f"data_{k}": v for k, v in splits.stats.counts().items()},
-        )
-        if result.interrupted:
-            return metrics
-        params = result.state.params
-        metrics |= evaluate_reward_model(config, params, splits, stage.batch_size)
-        tracker.log({f"eval/{k}": v for k, v in metrics.items()}, metrics["steps"])
-        metrics["checkpoint"] = str(save_reward_model(config, params, run_dir / "reward_model"))
-        return metrics
-    finally:
-        tracker.finish()
+    result = train_reward_model(
+        ctx, config, params, splits.train, stage, optim, ctx.run_dir / "checkpoints"
+    )
+    metrics: dict[str, Any] = dict(
+        steps=int(result.state.step),
+        interrupted=result.interrupted,
+        **{f"data_{k}": v for k, v in splits.stats.counts().items()},
+    )
+    if result.interrupted:
+        return ctx.finish(metrics)
+    params = result.state.params
+    metrics |= evaluate_reward_model(config, params, splits, stage.batch_size)
+    ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, metrics["steps"])
+    metrics["checkpoint"] = save_reward_export(
+        ctx, config, params, ctx.run_dir / "reward_model", tokenizer, stage.preamble
+    )
+    return ctx.finish(metrics)
+
+
+def reward_memory(config: ModelConfig, optim: OptimConfig, stage: RewardConfig, mesh):
+    """Per-device memory of reward training: both sides of every pair are a row."""
+    from posttrain.train.memory import estimate_training_memory
+
+    return estimate_training_memory(
+        config, make_optimizer(optim), 2 * stage.batch_size, stage.max_length, mesh
+    )

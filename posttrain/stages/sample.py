@@ -25,6 +25,8 @@ from posttrain.checkpoints import load_hf
 from posttrain.data.prompts import load_prompts
 from posttrain.rewards.api import RewardFunction, reward_from_config
 from posttrain.sampling import SamplingConfig, beam_search, best_of_n, sample
+from posttrain.stages.kit import StageContext
+from posttrain.stages.registry import register_stage
 from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID, GemmaTokenizer
 
 METHODS = ("sample", "beam", "best_of_n")
@@ -56,19 +58,20 @@ def _check(stage: DictConfig) -> None:
         raise ValueError("stage.batch_size and stage.num_samples must be >= 1")
 
 
-def build_reward(stage: DictConfig) -> RewardFunction | None:
+def build_reward(stage: DictConfig, tokenizer: str) -> RewardFunction | None:
     """The stage's reward function (rule name or reward spec), built before any sampling."""
     if stage.reward is None:
         return None
     spec = stage.reward
     if isinstance(spec, DictConfig):
         spec = OmegaConf.to_container(spec, resolve=True)
-    return reward_from_config(spec, stage.tokenizer)
+    return reward_from_config(spec, tokenizer)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+@register_stage("sample", headline=("mean_reward", "num_rows", "tokens_per_second"))
+def run(ctx: StageContext) -> dict[str, Any]:
     """Run the stage; returns its metrics."""
-    stage = cfg.stage
+    stage = ctx.cfg.stage
     _check(stage)
     settings = SamplingConfig(
         max_new_tokens=stage.sampling.max_new_tokens,
@@ -78,14 +81,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         stop_ids=(EOS_ID, END_OF_TURN_ID),
         seed=stage.sampling.seed,
     )
-    tokenizer = GemmaTokenizer(stage.tokenizer)
-    prompts = load_prompts(stage.prompts, stage.prompt_column, stage.split)
+    tokenizer = ctx.tokenizer(stage.tokenizer, stage.checkpoint)
     config, params = load_hf(stage.checkpoint)
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} pieces but the model only {config.vocab_size}"
-        )
-    reward = build_reward(stage)
+    ctx.check_vocab(config, tokenizer, stage.checkpoint)
+    prompts = load_prompts(stage.prompts, stage.prompt_column, stage.split)
+    reward = build_reward(stage, str(tokenizer.model_file))
 
     output = Path(stage.output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +106,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 if "reward" in row:
                     rewards.append(row["reward"])
             rows_written += len(rows)
+            batch_rewards = [row["reward"] for row in rows if "reward" in row]
+            ctx.metrics_log.write(
+                start // stage.batch_size + 1,
+                dict(
+                    rows=rows_written,
+                    tokens_per_second=generated_tokens / (time.perf_counter() - started),
+                    mean_log_prob=float(np.mean([row["log_prob"] for row in rows])),
+                    **({"mean_reward": float(np.mean(batch_rewards))} if batch_rewards else {}),
+                ),
+            )
             bar.update(len(batch))
             bar.set_postfix(tok_per_s=f"{generated_tokens / (time.perf_counter() - started):.0f}")
     tmp.replace(output)  # the output appears whole or not at all
@@ -120,7 +130,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     if rewards:
         metrics["mean_reward"] = float(np.mean(rewards))
-    return metrics
+    metrics["examples"] = _examples(output, 5)
+    return ctx.finish(metrics)
+
+
+def _examples(output: Path, count: int) -> list[dict[str, Any]]:
+    with output.open(encoding="utf-8") as rows:
+        return [json.loads(line) for line, _ in zip(rows, range(count), strict=False)]
 
 
 def _generate(
@@ -179,13 +195,17 @@ def _sample_rows(stage, config, params, tokenizer, prompts, ids, settings, rewar
         ]
 
     if stage.method == "best_of_n":
-        prompt_of = {tuple(p): prompts[i] for i, p in enumerate(ids)}
-
-        def reward_fn(prompt_ids, responses):
-            texts = [tokenizer.decode(r) for r in responses]
-            return reward([prompt_of[tuple(p)] for p in prompt_ids], texts)
-
-        pool = best_of_n(config, params, ids, stage.num_samples, reward_fn, settings, rng)
+        pool = best_of_n(
+            config,
+            params,
+            tokenizer,
+            prompts,
+            stage.num_samples,
+            reward,
+            settings,
+            rng,
+            chat=stage.chat,
+        )
         rows = []
         for i in range(len(ids)):
             best = pool.best_index[i]

@@ -1,7 +1,8 @@
 """The `sft` stage: supervised fine-tuning on chat data, loss on the model turns only.
 
 Writes into the run directory: `checkpoints/` (Orbax, resumable), `hf/` (the final policy as
-a Hugging Face directory, what later stages take as `policy: sft.checkpoint`) and the metrics
+a Hugging Face directory with its `tokenizer.model`, what later stages take as
+`stage.init_checkpoint: sft.checkpoint`), `metrics.jsonl` and its plot, and the summary
 (held-out loss, perplexity and, for prompt/response data, greedy exact match).
 """
 
@@ -9,34 +10,34 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
-from tqdm import tqdm
 
 from posttrain.checkpoints import load_hf, save_hf
-from posttrain.data.prompts import load_rows
-from posttrain.data.sft import BatchIterator, DataConfig, Rows, build_examples, to_rows
+from posttrain.data.prompts import read_rows
+from posttrain.data.sft import (
+    BatchIterator,
+    DataConfig,
+    Rows,
+    build_examples,
+    load_examples,
+    to_rows,
+)
 from posttrain.losses import masked_nll_sum, sequence_token_log_probs
 from posttrain.models import ModelConfig, abstract_params, init_params, param_logical_axes
 from posttrain.sampling import SamplingConfig, sample
-from posttrain.sharding import (
-    MeshConfig,
-    activation_sharding,
-    initialize_distributed,
-    make_mesh,
-    place_on_mesh,
-    shard_batch,
-    shard_params,
+from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
+from posttrain.stages.kit import (
+    TOKENIZER_FILE,
+    StageContext,
+    bundle_tokenizer,
+    gather_to_host,
+    settings_from_node,
 )
-from posttrain.tokenizer import GemmaTokenizer
-from posttrain.tracking import Tracker
-from posttrain.train.checkpointing import Checkpointer
-from posttrain.train.loop import run_training
-from posttrain.train.optim import OptimConfig, make_optimizer
+from posttrain.stages.registry import register_stage
+from posttrain.train.optim import OptimConfig, make_optimizer, make_schedule
 from posttrain.train.step import init_state, make_train_step
 
 
@@ -44,7 +45,7 @@ from posttrain.train.step import init_state, make_train_step
 class SFTConfig:
     """The stage's own settings."""
 
-    tokenizer: str
+    tokenizer: str | None = None  # sentencepiece model; default: the init checkpoint's own
     steps: int = 100
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many parts
     save_every: int = 50
@@ -57,12 +58,13 @@ class SFTConfig:
     sample_every: int = 100  # log a table of greedy answers to held-out prompts every N steps
     chunk_size: int = 8192  # vocabulary chunk of the cross-entropy
 
-
-def model_config(cfg: DictConfig) -> ModelConfig:
-    """The ModelConfig of `cfg.model` (fails naming a bad field)."""
-    fields = OmegaConf.to_container(cfg.model, resolve=True)
-    fields["attention_pattern"] = tuple(fields["attention_pattern"])
-    return ModelConfig(**fields)
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batches", "keep_checkpoints", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "eval_batches", "exact_match_examples", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"stage.{name} must be >= 0, got {getattr(self, name)}")
 
 
 def sft_loss_terms(config: ModelConfig, chunk_size: int):
@@ -113,52 +115,68 @@ def exact_match(
     return float(np.mean(hits)), table
 
 
-def dry_run(config: ModelConfig, optim: OptimConfig) -> dict[str, Any]:
+def memory_estimate(config: ModelConfig, optim: OptimConfig, stage: SFTConfig, data, mesh):
+    """Per-device memory of this SFT run, from abstract shapes."""
+    from posttrain.train.memory import estimate_training_memory
+
+    return estimate_training_memory(
+        config,
+        make_optimizer(optim),
+        data.batch_size,
+        data.max_length,
+        mesh,
+        micro_batches=stage.micro_batches,
+        chunk_size=stage.chunk_size,
+    )
+
+
+def dry_run(config: ModelConfig, estimate) -> dict[str, Any]:
     """Parameter count and memory per device from abstract shapes; nothing is allocated."""
     shapes = abstract_params(config)
     count = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
-    param_bytes = sum(math.prod(s.shape) * s.dtype.itemsize for s in jax.tree.leaves(shapes))
-    optimizer_copies = 2 if optim.name == "adamw" else 0.1  # Adam moments; Adafactor factored
-    devices = jax.device_count()
-    per_device = param_bytes * (2 + optimizer_copies) / devices  # params, grads, optimizer
-    report = dict(
+    print(f"[dry run] {count / 1e6:.2f}M parameters\n{estimate.table()}")
+    return dict(
         parameters=count,
-        parameter_bytes=param_bytes,
-        devices=devices,
-        train_state_bytes_per_device_fsdp=int(per_device),
+        devices=jax.device_count(),
+        memory_bytes_per_device=int(estimate.total),
+        **{f"memory_{name}_bytes": int(size) for name, size in estimate.parts()},
     )
-    print(f"[dry run] {count / 1e6:.2f}M parameters; ~{per_device / 2**30:.2f} GiB per device")
-    return report
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+@register_stage(
+    "sft",
+    groups=("stage", "data", "model", "optim", "logger"),
+    trains=True,
+    headline=("eval_exact_match", "eval_loss", "eval_perplexity", "steps"),
+)
+def run(ctx: StageContext) -> dict[str, Any]:
     """Run the stage; returns its metrics."""
-    stage = SFTConfig(**{k: v for k, v in OmegaConf.to_container(cfg.stage).items() if k != "name"})
-    data = DataConfig(**OmegaConf.to_container(cfg.data, resolve=True))
-    optim = OptimConfig(**{**OmegaConf.to_container(cfg.optim), "total_steps": stage.steps})
-    config = model_config(cfg)
-    if cfg.dry_run:
-        return dry_run(config, optim)
+    stage = ctx.settings(SFTConfig)
+    data = settings_from_node(DataConfig, ctx.cfg.data, "data")
+    optim = ctx.optim()
+    config = ctx.model_config()
+    if ctx.cfg.dry_run:
+        return dry_run(config, memory_estimate(config, optim, stage, data, ctx.mesh))
 
-    run_dir = Path(cfg.run_dir)
-    tokenizer = GemmaTokenizer(stage.tokenizer)
-    train_rows = load_rows(data.train, data.split)
-    examples, stats = build_examples(train_rows, tokenizer, data, data.train)
+    run_dir = ctx.run_dir
+    tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)
+    if stage.init_checkpoint:
+        config, params = load_hf(stage.init_checkpoint)
+        ctx.check_vocab(config, tokenizer, stage.init_checkpoint)
+    else:
+        # A random model takes the tokenizer's vocabulary, and the logged config says so.
+        config = config.replace(vocab_size=tokenizer.vocab_size)
+        ctx.record_model_vocab(tokenizer.vocab_size)
+    ctx.check_memory(memory_estimate(config, optim, stage, data, ctx.mesh), "this SFT run")
+    examples, stats = load_examples(data.train, tokenizer, data)
     batches = BatchIterator(
         to_rows(examples, data.max_length, data.packing), data.batch_size, data.seed
     )
-    eval_rows = load_rows(data.eval, data.split) if data.eval else []
+    eval_rows = read_rows(data.eval, data.split, columns=data.columns)[0] if data.eval else []
+    if not stage.init_checkpoint:
+        params = init_params(config, jax.random.key(ctx.cfg.seed))
 
-    if stage.init_checkpoint:
-        config, params = load_hf(stage.init_checkpoint)
-    else:
-        config = config.replace(vocab_size=max(config.vocab_size, tokenizer.vocab_size))
-        params = init_params(config, jax.random.key(cfg.seed))
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} pieces, model {config.vocab_size}")
-
-    initialize_distributed(cfg.get("coordinator"))
-    mesh = make_mesh(MeshConfig(**OmegaConf.to_container(cfg.mesh)))
+    mesh = ctx.mesh
     params = shard_params(params, param_logical_axes(config), mesh)
     optimizer = make_optimizer(optim)
     loss_terms = sft_loss_terms(config, stage.chunk_size)
@@ -168,45 +186,27 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         with activation_sharding(mesh):
             return jitted_step(state, shard_batch(rows, mesh))
 
-    tracker = Tracker(
-        cfg.logger.mode,
-        cfg.logger.project,
-        run_dir,
-        OmegaConf.to_container(cfg, resolve=True),
-        group=cfg.logger.group,
-        name=cfg.logger.name,
-    )
-    checkpointer = Checkpointer(run_dir / "checkpoints", keep=stage.keep_checkpoints)
-    bar = tqdm(total=stage.steps, desc="sft")
-
     sample_rows = [r for r in eval_rows if "prompt" in r and "response" in r][:8]
 
-    def on_metrics(step: int, metrics: dict[str, float], state) -> None:
+    def on_step(step: int, metrics: dict[str, float], state) -> None:
         if stage.sample_every and sample_rows and step % stage.sample_every == 0:
             match, table = exact_match(
                 config, state.params, tokenizer, sample_rows, stage.max_new_tokens
             )
             metrics["sample_exact_match"] = match
-            tracker.log_table("train/samples", ["prompt", "answer", "expected"], table, step)
-        bar.n = step
-        bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens'] / metrics['seconds']:.0f}"
-        )
-        bar.refresh()
-        tracker.log({f"train/{k}": v for k, v in metrics.items()}, step)
+            ctx.tracker.log_table("train/samples", ["prompt", "answer", "expected"], table, step)
 
-    result = run_training(
-        place_on_mesh(init_state(params, optimizer, cfg.seed), mesh),
+    result = ctx.train(
+        place_on_mesh(init_state(params, optimizer, ctx.cfg.seed), mesh),
         step_fn,
         batches,
-        checkpointer,
         stage.steps,
         stage.save_every,
-        on_metrics,
-        stage.skip_nonfinite,
+        keep=stage.keep_checkpoints,
+        skip_nonfinite=stage.skip_nonfinite,
+        schedule=make_schedule(optim),
+        on_step=on_step,
     )
-    bar.close()
-    checkpointer.close()
     params = result.state.params
     metrics: dict[str, Any] = dict(
         steps=int(result.state.step),
@@ -217,8 +217,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **{f"data_{k}": v for k, v in dataclasses.asdict(stats).items()},
     )
     if result.interrupted:
-        tracker.finish()
-        return metrics
+        return ctx.finish(metrics)
     if eval_rows:
         eval_examples, _ = build_examples(eval_rows, tokenizer, data, data.eval)
         eval_loss = evaluate_loss(
@@ -234,13 +233,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             match, table = exact_match(config, params, tokenizer, subset, stage.max_new_tokens)
             metrics["eval_exact_match"] = match
             metrics["eval_samples"] = table[:5]
-            tracker.log_table(
+            ctx.tracker.log_table(
                 "eval/samples", ["prompt", "answer", "expected"], table[:20], metrics["steps"]
             )
-        tracker.log(
+        ctx.tracker.log(
             {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, metrics["steps"]
         )
-    save_hf(config, jax.tree.map(np.asarray, params), run_dir / "hf")
+    host_params = gather_to_host(params)
+    if ctx.is_main:
+        save_hf(config, host_params, run_dir / "hf")
+        bundle_tokenizer(run_dir / "hf", tokenizer.model_file)
     metrics["checkpoint"] = str(run_dir / "hf")
-    tracker.finish()
-    return metrics
+    metrics["tokenizer"] = str(run_dir / "hf" / TOKENIZER_FILE)
+    return ctx.finish(metrics)

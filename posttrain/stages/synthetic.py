@@ -1,21 +1,49 @@
-"""The `synthetic` stage: write a checkable task's train/eval/prompt files and a tokenizer.
+"""The `synthetic` stage: write a checkable task's train/eval/prompt files, preference pairs
+and a tokenizer.
 
 Pipelines start here on a machine with nothing downloaded: the data are generated from
 templates (English and Japanese), the tokenizer is trained on them with Gemma's special ids.
+Outputs: `train.jsonl`, `eval.jsonl`, `prompts.jsonl` (the eval prompts), `pairs.jsonl` and
+`eval_pairs.jsonl` (bilingual preference pairs by type, for the reward and WARM stages) and
+`tokenizer.model`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
 from posttrain.data.synthetic import bilingual_corpus, reversal_rows
+from posttrain.data.synthetic_preferences import preference_corpus, preference_rows
+from posttrain.stages.kit import StageContext
+from posttrain.stages.registry import register_stage
 from posttrain.tokenizer import train_tokenizer
 
 TASKS = {"reversal": reversal_rows}
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """What to generate."""
+
+    task: str = "reversal"
+    train_rows: int = 4000
+    eval_rows: int = 200
+    preference_pairs: int = 400  # training pairs; held-out pairs are a quarter of this
+    corpus_lines: int = 1000
+    vocab_size: int = 700
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"stage.task={self.task!r}; expected one of {sorted(TASKS)}")
+        for name in ("train_rows", "eval_rows", "corpus_lines", "vocab_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
+        if self.preference_pairs < 0:
+            raise ValueError(f"stage.preference_pairs must be >= 0, got {self.preference_pairs}")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> str:
@@ -25,20 +53,23 @@ def _write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+@register_stage("synthetic", headline=("train_rows", "eval_rows", "preference_pairs"))
+def run(ctx: StageContext) -> dict[str, Any]:
     """Generate the files; returns their paths as the stage's outputs."""
-    stage = cfg.stage
-    if stage.task not in TASKS:
-        raise ValueError(f"stage.task={stage.task!r}; expected one of {sorted(TASKS)}")
-    out = Path(cfg.run_dir)
+    stage = ctx.settings(SyntheticConfig)
+    out = ctx.run_dir
     out.mkdir(parents=True, exist_ok=True)
     make = TASKS[stage.task]
     train = make(stage.train_rows, seed=stage.seed)
     evaluation = make(stage.eval_rows, seed=stage.seed + 1)
+    pairs = preference_rows(stage.preference_pairs, seed=stage.seed)
+    held_out_pairs = preference_rows(max(stage.preference_pairs // 4, 1), seed=stage.seed + 1)
     corpus = bilingual_corpus(stage.corpus_lines, seed=stage.seed)
     corpus += [f"{r['prompt']}\n{r['response']}" for r in train[: stage.corpus_lines]]
+    if stage.preference_pairs:
+        corpus += preference_corpus(pairs)
     tokenizer = train_tokenizer(corpus, out / "tokenizer", stage.vocab_size)
-    return dict(
+    metrics: dict[str, Any] = dict(
         train=_write_jsonl(out / "train.jsonl", train),
         eval=_write_jsonl(out / "eval.jsonl", evaluation),
         prompts=_write_jsonl(out / "prompts.jsonl", [{"prompt": r["prompt"]} for r in evaluation]),
@@ -46,3 +77,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         train_rows=len(train),
         eval_rows=len(evaluation),
     )
+    if stage.preference_pairs:
+        metrics |= dict(
+            pairs=_write_jsonl(out / "pairs.jsonl", pairs),
+            eval_pairs=_write_jsonl(out / "eval_pairs.jsonl", held_out_pairs),
+            preference_pairs=len(pairs),
+        )
+    return ctx.finish(metrics)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checkpoints import load_hf
 from posttrain.models import ModelConfig
-from posttrain.rewards.reward_model import init_head, load_reward_model, save_reward_model
+from posttrain.rewards.reward_model import init_head, load_reward_model
 from posttrain.rewards.warm import (
     IncompatibleMembersError,
     average_weights,
@@ -33,57 +33,64 @@ from posttrain.rewards.warm import (
     ensemble,
     greedy_soup,
 )
+from posttrain.stages.kit import StageContext, resolve_tokenizer, settings_from_node
+from posttrain.stages.registry import register_stage
 from posttrain.stages.reward import (
     PreferenceSplits,
     RewardConfig,
     load_preference_splits,
-    make_tracker,
     pair_metrics,
     probe_head,
+    reward_memory,
+    save_reward_export,
     score_pairs,
-    stage_config,
     train_reward_model,
 )
-from posttrain.tokenizer import GemmaTokenizer
-from posttrain.train.optim import OptimConfig
 
 AVERAGES = ("uniform", "greedy")
 
 
 @dataclasses.dataclass(frozen=True)
 class WarmConfig:
-    """The warm stage's settings; shared ones mean what they mean in the reward stage."""
+    """The warm stage's own settings, and the reward-stage settings every member shares.
+
+    In the YAML both are flat under `stage.`: a key of RewardConfig (train, batch_size, steps,
+    preamble, ...) goes to `reward`, WARM's own keys stay here; `reward.init_checkpoint`,
+    `reward.dropout`, `reward.seed` and the learning rate are set per member.
+    """
 
     init_checkpoints: list[str] | str  # SFT checkpoint(s); members take them in turn
-    tokenizer: list[str] | str  # one, or one per checkpoint (they must be identical)
-    train: str
-    eval: str | None = None
-    split: str = "train"
-    preamble: str | None = None
-    max_length: int = 128
-    skip_malformed: bool = False
+    reward: RewardConfig
     members: int = 4
     learning_rates: list[float] = dataclasses.field(default_factory=lambda: [1e-5, 4e-5, 1e-4])
     dropouts: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.1])
     average: str = "uniform"  # or "greedy": members join best-first while eval accuracy holds
-    batch_size: int = 8
-    steps: int = 100
-    save_every: int = 50
-    center_coefficient: float = 0.0
-    linear_probe: bool = True
-    probe_pairs: int = 256
-    share_prompts: bool = True
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.members < 1:
             raise ValueError(f"stage.members must be >= 1, got {self.members}")
         if self.average not in AVERAGES:
             raise ValueError(f"stage.average={self.average!r}; expected one of {AVERAGES}")
-        if self.average == "greedy" and not self.eval:
+        if self.average == "greedy" and not self.reward.eval:
             raise ValueError("stage.average=greedy ranks members on held-out pairs: set stage.eval")
         if not self.learning_rates or not self.dropouts:
             raise ValueError("stage.learning_rates and stage.dropouts need at least one value")
+        if any(lr <= 0 for lr in self.learning_rates):
+            raise ValueError(f"stage.learning_rates must be positive, got {self.learning_rates}")
+
+    @classmethod
+    def from_node(cls, node: Any) -> WarmConfig:
+        """From the flat `stage` node: RewardConfig keys to `reward`, the rest to WARM's own."""
+        values = (
+            OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        )
+        values = {k: v for k, v in dict(values).items() if k != "name"}
+        own = {f.name for f in dataclasses.fields(cls)} - {"reward"}
+        shared = {k: v for k, v in values.items() if k not in own}
+        checkpoints = _as_list(values.get("init_checkpoints") or [""])
+        shared["init_checkpoint"] = checkpoints[0]
+        reward = settings_from_node(RewardConfig, shared, "stage")
+        return cls(reward=reward, **{k: v for k, v in values.items() if k in own})
 
     @property
     def checkpoints(self) -> list[str]:
@@ -92,15 +99,14 @@ class WarmConfig:
 
     def member(self, index: int) -> tuple[RewardConfig, str]:
         """Member `index`'s reward-stage settings and starting checkpoint."""
-        names = {f.name for f in dataclasses.fields(RewardConfig)} & set(self.__dataclass_fields__)
-        shared = {name: getattr(self, name) for name in names}
-        shared |= dict(
-            init_checkpoint=self.checkpoints[index % len(self.checkpoints)],
-            tokenizer=_as_list(self.tokenizer)[0],
+        checkpoint = self.checkpoints[index % len(self.checkpoints)]
+        member = dataclasses.replace(
+            self.reward,
+            init_checkpoint=checkpoint,
             dropout=self.dropouts[index % len(self.dropouts)],
-            seed=self.seed + index,
+            seed=self.reward.seed + index,
         )
-        return RewardConfig(**shared), shared["init_checkpoint"]
+        return member, checkpoint
 
     def learning_rate(self, index: int) -> float:
         """Member `index`'s peak learning rate."""
@@ -120,12 +126,24 @@ def check_tokenizers(paths: list[str]) -> None:
             raise IncompatibleMembersError(f"tokenizer {path} differs from {first}")
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
+@register_stage(
+    "warm",
+    groups=("stage", "optim", "logger"),
+    trains=True,
+    headline=("warm_eval_accuracy", "ensemble_eval_accuracy", "warm_train_accuracy"),
+)
+def run(ctx: StageContext) -> dict[str, Any]:
     """Train the members, average them, report members / WARM / ensemble."""
-    stage = stage_config(cfg, WarmConfig)
-    run_dir = Path(cfg.run_dir)
-    check_tokenizers(_as_list(stage.tokenizer))
-    tokenizer = GemmaTokenizer(_as_list(stage.tokenizer)[0])
+    stage = WarmConfig.from_node(ctx.cfg.stage)
+    run_dir = ctx.run_dir
+    given = stage.reward.tokenizer
+    if isinstance(given, list):
+        check_tokenizers(given)
+        given = given[0]
+    # Every start must carry (or be given) the same tokenizer.
+    paths = [resolve_tokenizer(given, checkpoint) for checkpoint in stage.checkpoints]
+    check_tokenizers(paths)
+    tokenizer = ctx.tokenizer(paths[0])
     starts = {path: load_hf(path) for path in stage.checkpoints}
     config = starts[stage.checkpoints[0]][0]
     for path, (other, _) in starts.items():
@@ -133,82 +151,88 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             raise IncompatibleMembersError(
                 f"{path}: model config differs from {stage.checkpoints[0]}: {other} vs {config}"
             )
+    ctx.check_vocab(config, tokenizer, stage.checkpoints[0])
     check_compatible([backbone for _, backbone in starts.values()], stage.checkpoints)
+    ctx.check_memory(
+        reward_memory(config, ctx.optim(), stage.reward, ctx.mesh), "this WARM member's training"
+    )
 
     first, _ = stage.member(0)
-    splits = load_preference_splits(first, tokenizer, stage.batch_size)
+    splits = load_preference_splits(first, tokenizer, first.batch_size)
 
     @functools.cache
     def shared_head() -> dict:
         # One head for every member (WARM's shared linear probe), fitted on the last checkpoint;
         # only when a member still needs training.
-        if not stage.linear_probe:
+        if not stage.reward.linear_probe:
             return init_head(config)
-        return probe_head(config, starts[stage.checkpoints[-1]][1], splits.train, stage.probe_pairs)
+        return probe_head(
+            config, starts[stage.checkpoints[-1]][1], splits.train, stage.reward.probe_pairs
+        )
 
-    tracker = make_tracker(cfg)
+    steps = stage.reward.steps
     metrics: dict[str, Any] = {f"data_{k}": v for k, v in splits.stats.counts().items()}
     member_dirs, member_params = [], []
-    try:
-        for index in range(stage.members):
-            member_cfg, checkpoint = stage.member(index)
-            member_dir = run_dir / "members" / str(index)
-            done = member_dir / "reward_model"
-            if not (done / "member.json").exists():
-                optim = OptimConfig(
-                    **{
-                        **OmegaConf.to_container(cfg.optim),
-                        "lr": stage.learning_rate(index),
-                        "total_steps": stage.steps,
-                    }
-                )
-                params = {
-                    "backbone": jax.tree.map(jnp.asarray, starts[checkpoint][1]),
-                    "head": jax.tree.map(jnp.array, shared_head()),  # a copy: training donates it
-                }
-                result = train_reward_model(
-                    config,
-                    params,
-                    splits.train,
-                    member_cfg,
-                    optim,
-                    member_dir / "checkpoints",
-                    tracker,
-                    description=f"member{index}",
-                )
-                if result.interrupted:
-                    return metrics | {"interrupted": True, "members_finished": index}
-                save_reward_model(config, result.state.params, done)
-                info = dict(
-                    checkpoint=checkpoint,
-                    lr=optim.lr,
-                    dropout=member_cfg.dropout,
-                    seed=member_cfg.seed,
-                )
+    for index in range(stage.members):
+        member_cfg, checkpoint = stage.member(index)
+        member_dir = run_dir / "members" / str(index)
+        done = member_dir / "reward_model"
+        if not (done / "member.json").exists():
+            optim = ctx.optim(lr=stage.learning_rate(index))
+            params = {
+                "backbone": jax.tree.map(jnp.asarray, starts[checkpoint][1]),
+                "head": jax.tree.map(jnp.array, shared_head()),  # a copy: training donates it
+            }
+            result = train_reward_model(
+                ctx,
+                config,
+                params,
+                splits.train,
+                member_cfg,
+                optim,
+                member_dir / "checkpoints",
+                description=f"member{index}",
+                step_offset=index * steps,  # one step axis across members in metrics.jsonl
+                tags={"member": index},
+            )
+            if result.interrupted:
+                return ctx.finish(metrics | {"interrupted": True, "members_finished": index})
+            save_reward_export(
+                ctx, config, result.state.params, done, tokenizer, stage.reward.preamble
+            )
+            info = dict(
+                checkpoint=checkpoint, lr=optim.lr, dropout=member_cfg.dropout, seed=member_cfg.seed
+            )
+            if ctx.is_main:
                 (done / "member.json").write_text(json.dumps(info, indent=2))
-            member_dirs.append(str(done))
-            member_params.append(load_reward_model(done)[1])
-        compared, averaged = compare_members(config, member_params, splits, stage.batch_size)
-        metrics |= compared
-        if stage.average == "greedy":
-            rows, _ = splits.evaluated["eval"]  # selection data: its warm_eval is optimistic
+        member_dirs.append(str(done))
+        member_params.append(load_reward_model(done)[1])
+    batch_size = stage.reward.batch_size
+    compared, averaged = compare_members(config, member_params, splits, batch_size)
+    metrics |= compared
+    if stage.average == "greedy":
+        rows, _ = splits.evaluated["eval"]  # selection data: its warm_eval is optimistic
 
-            def eval_accuracy(params) -> float:
-                chosen, rejected = score_pairs(config, params, rows, stage.batch_size)
-                return float(np.mean(chosen > rejected))
+        def eval_accuracy(params) -> float:
+            chosen, rejected = score_pairs(config, params, rows, batch_size)
+            return float(np.mean(chosen > rejected))
 
-            averaged, kept = greedy_soup(member_params, eval_accuracy)
-            metrics["soup_members"] = kept
-            metrics |= _split_metrics(config, averaged, splits, stage.batch_size, "warm")
-        metrics["interrupted"] = False
-        metrics["members"] = member_dirs
-        tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)}, stage.steps)
-        tracker.log_table("warm/comparison", *comparison_table(metrics, stage.members), stage.steps)
-        print(format_comparison(metrics, stage.members))
-        metrics["checkpoint"] = str(save_reward_model(config, averaged, run_dir / "reward_model"))
-        return metrics
-    finally:
-        tracker.finish()
+        averaged, kept = greedy_soup(member_params, eval_accuracy)
+        metrics["soup_members"] = kept
+        metrics |= _split_metrics(config, averaged, splits, batch_size, "warm")
+    metrics["interrupted"] = False
+    metrics["members"] = member_dirs
+    metrics["steps"] = steps
+    total_steps = stage.members * steps
+    ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)}, total_steps)
+    ctx.tracker.log_table("warm/comparison", *comparison_table(metrics, stage.members), total_steps)
+    metrics["checkpoint"] = save_reward_export(
+        ctx, config, averaged, run_dir / "reward_model", tokenizer, stage.reward.preamble
+    )
+    # The comparison of members, average and ensemble is the stage's summary.
+    return ctx.finish(
+        metrics, {"members, weight average and ensemble": format_comparison(metrics, stage.members)}
+    )
 
 
 def _split_metrics(

@@ -1,0 +1,63 @@
+"""Hydra config groups built from Python: the model presets, and nodes turned back into dataclasses.
+
+`posttrain.models.config.PRESETS` is the one source of the `model` group: `register_configs()`
+stores every preset as `model/<name>`, so `model=gemma2_2b` and `model.num_layers=2` work with no
+YAML copy to drift. Call it before Hydra composes (the `posttrain` command does so at import).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from posttrain.models.config import PRESETS, ModelConfig
+from posttrain.train.optim import OptimConfig
+
+_Config = TypeVar("_Config")
+
+
+def preset_node(config: ModelConfig) -> dict[str, Any]:
+    """A preset as a plain dict of ModelConfig's fields, tuples as lists (YAML has no tuples)."""
+    node = dataclasses.asdict(config)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in node.items()}
+
+
+def register_configs() -> None:
+    """Store every model preset in Hydra's ConfigStore as `model/<preset>` (idempotent)."""
+    store = ConfigStore.instance()
+    for name, config in PRESETS.items():
+        # store() replaces an entry of the same name, so calling this twice changes nothing.
+        store.store(group="model", name=name, node=preset_node(config), provider="posttrain")
+
+
+def dataclass_from_node(
+    cls: type[_Config], node: DictConfig | Mapping[str, Any], group: str
+) -> _Config:
+    """An instance of dataclass `cls` from a composed config node; an unknown key fails naming
+    `group.key` and the closest field. Lists become tuples (the frozen configs hold tuples)."""
+    fields = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    known = [field.name for field in dataclasses.fields(cls)]
+    for key in fields:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {group}.{close[0]}?" if close else f"; known: {known}"
+            raise ValueError(f"unknown {cls.__name__} field {group}.{key}{hint}")
+    values = {
+        key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()
+    }
+    return cls(**values)
+
+
+def model_config_from_node(node: DictConfig | Mapping[str, Any]) -> ModelConfig:
+    """The ModelConfig of a composed `cfg.model` node (tuples restored, unknown fields named)."""
+    return dataclass_from_node(ModelConfig, node, "model")
+
+
+def optim_config_from_node(node: DictConfig | Mapping[str, Any]) -> OptimConfig:
+    """The OptimConfig of a composed `cfg.optim` node, interpolations (total_steps) resolved."""
+    return dataclass_from_node(OptimConfig, node, "optim")
