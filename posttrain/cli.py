@@ -149,7 +149,7 @@ def run_stage(
     cfg: DictConfig, overrides: Sequence[str] = (), resume_command: str | None = None
 ) -> dict[str, Any]:
     """Run the stage named by `cfg.stage.name` in `cfg.run_dir`; write and return its metrics."""
-    from posttrain.reporting import save_resolved_config
+    from posttrain.reporting import save_resolved_config, short_config
     from posttrain.resume import check_resume, load_saved_config, save_overrides
     from posttrain.stages.kit import StageContext
     from posttrain.stages.registry import get_stage
@@ -167,6 +167,7 @@ def run_stage(
         for line in check_resume(saved, resolved, bool(cfg.get("force_resume")), str(run_dir)):
             print(line, file=sys.stderr)
     ctx = StageContext(cfg, spec, resume_command)
+    log.info("%s", short_config(cfg, overrides=list(overrides)))
     if ctx.is_main and not cfg.dry_run:
         save_resolved_config(run_dir, cfg)
         save_overrides(run_dir, list(overrides))
@@ -214,7 +215,6 @@ def hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from posttrain.host_memory import configure_host_allocator
-    from posttrain.reporting import short_config
 
     if reuses_host_memory(cfg):
         configure_host_allocator()  # before JAX starts its threads
@@ -223,7 +223,6 @@ def hydra_main(cfg: DictConfig) -> None:
         run_recipe(cfg)
         return
     overrides = list(HydraConfig.get().overrides.task)
-    log.info("%s", short_config(cfg))
     metrics = run_stage(cfg, overrides)
     shown = {k: v for k, v in metrics.items() if not isinstance(v, list | dict)}
     log.info("metrics: %s", json.dumps(shown, sort_keys=True, ensure_ascii=False))

@@ -21,6 +21,9 @@ OVERRIDES_FILE = "overrides.yaml"
 CONFIG_FILE = "config.yaml"
 # Keys that differ between any two launches and say nothing about the run's numbers.
 IGNORED = ("run_dir", "resume", "force_resume", "force_memory", "dry_run", "recipe", "redo")
+# Keys a stage derives and saves: a random model takes its tokenizer's vocabulary (and a change
+# of tokenizer is caught by its own key and by the tokenizer check).
+DERIVED = ("model.vocab_size",)
 # Changes that leave every remaining step's numbers as they were (mesh: to float tolerance).
 SAFE_TO_CHANGE = (
     "logger.",
@@ -56,11 +59,14 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_changes(old: Mapping, new: Mapping) -> dict[str, tuple[Any, Any]]:
     """Keys whose values differ between two resolved configs: {key: (old, new)}."""
-    before, after = flatten(old), flatten(new)
+    # A required value never set is `???` in a live config and null in a saved one.
+    before, after = (
+        {k: None if v == "???" else v for k, v in flatten(tree).items()} for tree in (old, new)
+    )
     missing = object()
     changes = {}
     for key in sorted(set(before) | set(after)):
-        if key.split(".")[0] in IGNORED:
+        if key.split(".")[0] in IGNORED or key in DERIVED:
             continue
         a, b = before.get(key, missing), after.get(key, missing)
         if a != b:
@@ -121,7 +127,7 @@ def resume_arguments(run_dir: str | Path, new: list[str]) -> list[str]:
         )
     saved = yaml.safe_load(path.read_text(encoding="utf-8")) or []
     replaced = {override_key(o) for o in new}
-    pinned = {"run_dir", "hydra.run.dir"}
+    pinned = {"run_dir", "hydra.run.dir", "resume"}
     kept = [o for o in saved if override_key(o) not in replaced | pinned]
     run_dir = str(run_dir)
     return [*kept, *new, f"run_dir={run_dir}", f"hydra.run.dir={run_dir}", f"resume={run_dir}"]

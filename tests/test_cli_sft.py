@@ -81,19 +81,32 @@ def test_sigterm_saves_and_exits_cleanly(workdir):
     run_dir = workdir / "terminated"
     process = subprocess.Popen(
         command(workdir, run_dir, "stage.steps=100000"),
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "XLA_FLAGS": ""},
     )
     wait_for_checkpoint(run_dir, 10, process)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=120) == 0
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 0
+    assert f"posttrain resume={run_dir}" in out
     # Not metrics.json: that marks a finished stage, which a recipe would skip instead of resume.
     assert not (run_dir / "metrics.json").exists()
     metrics = json.loads((run_dir / "interrupted.json").read_text())
     assert metrics["interrupted"] is True
     saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved[-1] == metrics["steps"] >= 10
+    # The printed command continues in the same directory; a shorter horizon needs force_resume.
+    target = metrics["steps"] + 3
+    resume = [sys.executable, "-m", "posttrain.cli", f"resume={run_dir}", f"stage.steps={target}"]
+    refused = run(resume)
+    assert refused.returncode != 0 and "stage.steps: 100000 -> " in refused.stderr
+    resumed = run([*resume, "force_resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finished = json.loads((run_dir / "metrics.json").read_text())
+    assert finished["resumed_from"] == metrics["steps"] and finished["steps"] == target
+    assert not (run_dir / "interrupted.json").exists()
 
 
 def test_mistyped_override_fails_naming_the_key(workdir, tmp_path):
@@ -124,7 +137,11 @@ def test_sweep_makes_one_comparable_run_per_value(workdir, tmp_path):
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
-    assert [p.parent.name for p in runs] == ["0", "1"]
+    # Job directories are named by the swept value, and one table compares the jobs.
+    assert [p.parent.name for p in runs] == ["0_optim.lr=0.001", "1_optim.lr=0.01"]
+    table = (tmp_path / "sweep" / "sweep.md").read_text()
+    assert table in result.stdout and "optim.lr" in table
+    assert "0.001" in table and "0.01" in table
     assert [json.loads(p.read_text())["steps"] for p in runs] == [6, 6]
     configs = [(p.parent / ".hydra" / "overrides.yaml").read_text() for p in runs]
     assert "optim.lr=0.001" in configs[0] and "optim.lr=0.01" in configs[1]

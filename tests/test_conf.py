@@ -107,3 +107,67 @@ def test_host_allocator_auto_reuses_only_for_training_runs():
     assert not reuses_host_memory(config(host_allocator="default", stage={"name": "sft"}))
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny_sft.yaml"
     assert reuses_host_memory(config(recipe=str(recipe)))
+
+
+def _stage_yaml(name: str) -> dict:
+    from omegaconf import OmegaConf
+
+    # OmegaConf's YAML reading (as Hydra's): `1e-5` is a float, not YAML 1.1's string.
+    values = OmegaConf.to_container(OmegaConf.load(CONF / "stage" / f"{name}.yaml"))
+    assert values.pop("name") == name
+    return values
+
+
+def _defaults(cls) -> dict:
+    import dataclasses
+
+    out = {}
+    for field in dataclasses.fields(cls):
+        if field.default is not dataclasses.MISSING:
+            out[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            out[field.name] = field.default_factory()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("stage", "module", "cls"),
+    [
+        ("sft", "posttrain.stages.sft", "SFTConfig"),
+        ("reward", "posttrain.stages.reward", "RewardConfig"),
+        ("synthetic", "posttrain.stages.synthetic", "SyntheticConfig"),
+    ],
+)
+def test_stage_yaml_is_its_dataclass(stage, module, cls):
+    """The YAML is the interface and the dataclass the schema: same keys, same defaults."""
+    import dataclasses
+    import importlib
+
+    config_class = getattr(importlib.import_module(module), cls)
+    values = _stage_yaml(stage)
+    assert set(values) == {f.name for f in dataclasses.fields(config_class)}
+    for key, default in _defaults(config_class).items():
+        assert values[key] == default, key
+    required = {f.name for f in dataclasses.fields(config_class)} - set(_defaults(config_class))
+    assert all(values[key] == "???" for key in required)
+
+
+def test_warm_yaml_is_warm_config_plus_the_shared_reward_config():
+    import dataclasses
+
+    from posttrain.stages.reward import RewardConfig
+    from posttrain.stages.warm import WarmConfig
+
+    values = _stage_yaml("warm")
+    own = {f.name for f in dataclasses.fields(WarmConfig)} - {"reward"}
+    shared = {f.name for f in dataclasses.fields(RewardConfig)} - {"init_checkpoint", "dropout"}
+    assert set(values) == own | shared
+    defaults = _defaults(RewardConfig) | _defaults(WarmConfig)
+    for key in set(values) - {"init_checkpoints", "train"}:
+        assert values[key] == defaults[key], key
+    warm = WarmConfig.from_node({**values, "init_checkpoints": ["a", "b"], "train": "p.jsonl"})
+    member, checkpoint = warm.member(3)
+    assert checkpoint == "b" and member.init_checkpoint == "b" and member.seed == 3
+    assert member.dropout == values["dropouts"][1] and warm.learning_rate(3) == 1e-5
+    with pytest.raises(ValueError, match=r"did you mean stage\.batch_size"):
+        WarmConfig.from_node({**values, "init_checkpoints": "a", "batch_sise": 3})

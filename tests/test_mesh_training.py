@@ -90,3 +90,71 @@ def test_sharded_step_compiles_once():
         jax.monitoring.unregister_event_duration_listener(listener)
     assert np.isfinite(float(metrics["loss"]))
     assert compiles.count("/jax/core/compile/backend_compile_duration") == 1
+
+
+def _pairs(n: int = 16, length: int = 24):
+    """Preference pairs with a shared prompt of 10 tokens and answers of unequal lengths."""
+    from posttrain.data.preferences import PreferenceRows
+
+    rng = np.random.default_rng(1)
+    chosen = rng.integers(3, CONFIG.vocab_size, (n, length)).astype(np.int32)
+    rejected = chosen.copy()
+    rejected[:, 10:] = rng.integers(3, CONFIG.vocab_size, (n, length - 10))
+    chosen_segments = np.ones((n, length), np.int32)
+    rejected_segments = np.ones((n, length), np.int32)
+    for i in range(n):
+        chosen_segments[i, 14 + i % 8 :] = 0
+        rejected_segments[i, 12 + (3 * i) % 10 :] = 0
+    chosen *= chosen_segments
+    rejected *= rejected_segments
+    margin = np.zeros(n, np.float32)
+    label = np.ones(n, np.float32)
+    return PreferenceRows(chosen, chosen_segments, rejected, rejected_segments, margin, label)
+
+
+def _warm_members(tmp_path, mesh: dict[str, int]):
+    from posttrain.rewards.reward_model import init_head
+    from posttrain.rewards.warm import average_weights
+    from posttrain.stages.kit import StageContext
+    from posttrain.stages.reward import RewardConfig, train_reward_model
+    from posttrain.train.optim import OptimConfig
+
+    name = "_".join(f"{k}{v}" for k, v in mesh.items())
+    ctx = StageContext.standalone(tmp_path / name, "warm", mesh=mesh)
+    # eps = 1 keeps Adam's update smooth in the gradient (g / (sqrt(v) + 1)), so last-bit
+    # differences of the sharded reductions stay last-bit differences in the parameters.
+    optim = OptimConfig(lr=0.5, eps=1.0, schedule="constant", total_steps=3, clip_norm=None)
+    members = []
+    for index in range(2):  # members differ by seed (data order, dropout masks)
+        stage = RewardConfig(
+            init_checkpoint="", train="", batch_size=8, steps=3, save_every=0,
+            dropout=0.1, seed=index,
+        )  # fmt: skip
+        params = {"backbone": init_params(CONFIG, jax.random.key(0)), "head": init_head(CONFIG)}
+        params["head"]["w"] = params["head"]["w"] + 0.01
+        result = train_reward_model(
+            ctx, CONFIG, params, _pairs(), stage, optim, ctx.run_dir / f"m{index}", f"m{index}"
+        )
+        assert int(result.state.step) == 3
+        members.append(jax.tree.map(np.asarray, result.state.params))
+    return members, average_weights(members)
+
+
+def test_reward_and_warm_training_on_the_mesh_equal_one_device(tmp_path):
+    # Given two WARM members (dropout 0.1, seeds 0 and 1) trained by the reward stage's own training
+    # function on one device, and on a 4-way FSDP x 2-way tensor mesh of 8 devices,
+    single, single_average = _warm_members(tmp_path, {"data": 1, "fsdp": 1, "tensor": 1})
+    sharded, sharded_average = _warm_members(tmp_path, {"data": 1, "fsdp": 4, "tensor": 2})
+    # then every member's parameters and the weight average agree to 1e-5,
+    for a, b in zip(single, sharded, strict=True):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(x, y, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(single_average), jax.tree.leaves(sharded_average), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    # and training moved the parameters well beyond that tolerance.
+    start = init_params(CONFIG, jax.random.key(0))
+    moved = max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(single[0]["backbone"]), jax.tree.leaves(start), strict=True)
+    )
+    assert moved > 1e-3

@@ -1,5 +1,6 @@
 """Recipes: validation, and the tiny SFT pipeline end to end (exact match, skip on rerun)."""
 
+import functools
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from posttrain.cli import run_stage
 from posttrain.pipeline import load_recipe, run_pipeline
@@ -105,4 +107,57 @@ def test_tiny_sft_pipeline_reaches_exact_match_and_skips_on_rerun(tmp_path):
     assert len(samples) == 200
     again = _run_recipe(tmp_path)
     assert again.returncode == 0
-    assert again.stdout.count("finished earlier, skipped") == 3
+    assert again.stdout.count("finished earlier with the same settings, skipped") == 3
+
+
+def test_rerun_explains_skips_redo_reruns_dependents_and_stage_overrides_apply(
+    tmp_path, monkeypatch, capsys
+):
+    from posttrain.cli import _compose
+    from posttrain.stages.registry import StageSpec
+
+    recipe = tmp_path / "chain.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "chain",
+                "stages": [
+                    {"name": "data", "type": "synthetic"},
+                    {
+                        "name": "tune",
+                        "type": "sft",
+                        "inputs": {"stage.tokenizer": "data.tokenizer"},
+                        "overrides": ["data.train=x.jsonl"],
+                    },
+                ],
+            }
+        )
+    )
+    seen = []
+
+    def fake(ctx):
+        seen.append((ctx.run_dir.name, OmegaConf.to_container(ctx.cfg.stage)))
+        return {"tokenizer": "tok.model", "interrupted": False}
+
+    specs = {name: StageSpec(name, fake, ("stage",), False, ()) for name in ("synthetic", "sft")}
+    monkeypatch.setattr("posttrain.stages.registry.stage_specs", lambda: specs)
+    run = functools.partial(run_pipeline, recipe, tmp_path / "p", [], _compose, run_stage)
+    # `stage.steps` goes to the sft stage only (synthetic has no such key).
+    run(stage_overrides=["stage.steps=7"])
+    assert [name for name, _ in seen] == ["data", "tune"] and seen[1][1]["steps"] == 7
+    # Run again with another value: both skipped, the changed setting named.
+    capsys.readouterr()
+    run(stage_overrides=["stage.steps=9"])
+    out = capsys.readouterr().out
+    assert len(seen) == 2
+    assert "data: finished earlier with the same settings, skipped" in out
+    assert "tune: finished earlier, skipped although its settings changed" in out
+    assert "stage.steps: 7 -> 9" in out and "redo=tune" in out
+    assert "| tune | sft | skipped (finished) |" in out
+    # redo=data runs data again and, since tune reads its outputs, tune too; nothing is lost.
+    run(stage_overrides=["stage.steps=9"], redo=["data"])
+    assert [name for name, _ in seen[2:]] == ["data", "tune"] and seen[3][1]["steps"] == 9
+    assert (tmp_path / "p" / "data.previous-1" / "metrics.json").exists()
+    assert (tmp_path / "p" / "tune.previous-1" / "metrics.json").exists()
+    with pytest.raises(ValueError, match="redo=\\['nope'\\]: no such stage"):
+        run(redo=["nope"])

@@ -114,7 +114,7 @@ def test_reward_from_config(assets):
         reward_from_config({"terms": [{"rule": "language_match", "model": directory}]}, None)
     with pytest.raises(KeyError, match="unknown rule reward 'languag'"):
         reward_from_config("languag", None)
-    with pytest.raises(ValueError, match="needs a tokenizer"):
+    with pytest.raises(ValueError, match="carries no tokenizer"):
         reward_from_config({"terms": [{"model": directory}]}, None)
     with pytest.raises(FileNotFoundError, match=r"head\.safetensors"):
         reward_from_config({"terms": [{"model": str(root)}]}, str(root / "tok.model"))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -94,8 +95,11 @@ class StageContext:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
     @classmethod
-    def standalone(cls, run_dir: str | Path, name: str = "library") -> StageContext:
-        """A context outside the command (experiments, notebooks): one device, wandb off."""
+    def standalone(
+        cls, run_dir: str | Path, name: str = "library", mesh: dict[str, int] | None = None
+    ) -> StageContext:
+        """A context outside the command (experiments, notebooks): wandb off, one device unless
+        `mesh` gives the (data, fsdp, tensor) sizes."""
         from posttrain.stages.registry import StageSpec as Spec
 
         cfg = OmegaConf.create(
@@ -105,7 +109,7 @@ class StageContext:
                 "dry_run": False,
                 "force_memory": False,
                 "coordinator": None,
-                "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+                "mesh": mesh or {"data": 1, "fsdp": 1, "tensor": 1},
                 "logger": {"mode": "disabled", "project": "posttrain", "group": None, "name": None},
                 "stage": {"name": name},
             }
@@ -133,6 +137,10 @@ class StageContext:
     def record_model_vocab(self, vocab_size: int) -> None:
         """Make the logged and saved config show the vocabulary the model really has."""
         OmegaConf.update(self.cfg, "model.vocab_size", vocab_size, force_add=False)
+        if self.is_main and (self.run_dir / "config.yaml").exists():
+            from posttrain.reporting import save_resolved_config
+
+            save_resolved_config(self.run_dir, self.cfg)
 
     # -- wiring ---------------------------------------------------------------------------
     @functools.cached_property
@@ -141,7 +149,12 @@ class StageContext:
         from posttrain.sharding import MeshConfig, initialize_distributed, make_mesh
 
         initialize_distributed(self.cfg.get("coordinator"))
-        return make_mesh(MeshConfig(**OmegaConf.to_container(self.cfg.mesh)))
+        config = MeshConfig(**OmegaConf.to_container(self.cfg.mesh))
+        sizes = (config.data, config.fsdp, config.tensor)
+        if -1 not in sizes and math.prod(sizes) < jax.device_count():
+            # Fixed sizes name how many devices to use (mesh=single: one), not all of them.
+            return make_mesh(config, jax.devices()[: math.prod(sizes)])
+        return make_mesh(config)
 
     @property
     def tracker(self):
@@ -188,6 +201,32 @@ class StageContext:
         # On CPU every simulated device shares the host's memory: divide it among those in use.
         available = available_memory_bytes(devices_in_use=self.mesh.devices.size)
         check_fits(estimate, available, what, bool(self.cfg.get("force_memory")))
+
+    def dry_run_report(self, config, estimate) -> dict[str, Any]:
+        """Parameter count and per-device memory from abstract shapes (printed); nothing is
+        allocated."""
+        from posttrain.models import abstract_params
+
+        count = sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(config)))
+        print(f"[{self.name} dry run] {count / 1e6:.2f}M parameters\n{estimate.table()}")
+        return dict(
+            parameters=count,
+            devices=int(self.mesh.devices.size),
+            memory_bytes_per_device=int(estimate.total),
+            **{f"memory_{name}_bytes": int(size) for name, size in estimate.parts()},
+        )
+
+    def checkpoint_config(self, checkpoint: str | None):
+        """The ModelConfig of a Hugging Face directory's config.json (no weights read), or of
+        `cfg.model` when there is no such directory (a dry run without a checkpoint)."""
+        import json
+
+        from posttrain.checkpoints.huggingface import config_from_hf
+
+        path = Path(checkpoint or "") / "config.json"
+        if checkpoint and path.exists():
+            return config_from_hf(json.loads(path.read_text()))
+        return self.model_config()
 
     # -- training -------------------------------------------------------------------------
     def train(

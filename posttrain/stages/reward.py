@@ -138,7 +138,8 @@ def _jitted_features(config: ModelConfig):
 
 
 def pair_loss_terms(config: ModelConfig, center_coefficient: float, dropout: float = 0.0):
-    """(params, pair batch[, key]) -> (summed BT loss, number of pairs); a key iff dropout > 0."""
+    """(params, pair batch[, key]) -> (summed BT loss, number of pairs, sums of the training
+    accuracy and margin, logged per step); a key iff dropout > 0."""
 
     def loss_terms(params, batch: PreferenceRows | SharedPromptPairs, key=None):
         if isinstance(batch, SharedPromptPairs):
@@ -152,7 +153,11 @@ def pair_loss_terms(config: ModelConfig, center_coefficient: float, dropout: flo
                 config, params, batch.rejected, batch.rejected_segments, dropout, keys[1]
             )
         losses = bradley_terry_loss(chosen, rejected, batch.margin, batch.label, center_coefficient)
-        return jnp.sum(losses), jnp.float32(losses.shape[0])
+        own = {
+            "accuracy": jnp.sum((chosen > rejected).astype(jnp.float32)),
+            "margin": jnp.sum(chosen - rejected),
+        }
+        return jnp.sum(losses), jnp.float32(losses.shape[0]), own
 
     return loss_terms
 
@@ -285,6 +290,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """Train the reward model; returns its metrics."""
     stage = ctx.settings(RewardConfig)
     optim = ctx.optim()
+    if ctx.cfg.dry_run:
+        config = ctx.checkpoint_config(stage.init_checkpoint)
+        return ctx.dry_run_report(config, reward_memory(config, optim, stage, ctx.mesh))
     tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)
     config, backbone = load_hf(stage.init_checkpoint)
     ctx.check_vocab(config, tokenizer, stage.init_checkpoint)

@@ -23,30 +23,14 @@ from tqdm import tqdm
 
 from posttrain.checkpoints import load_hf
 from posttrain.data.prompts import load_prompts
-from posttrain.rewards.api import RewardFunction, reward_from_config
+from posttrain.rewards.api import RewardFunction, reward_from_config, score_responses
 from posttrain.sampling import SamplingConfig, beam_search, best_of_n, sample
+from posttrain.sampling.prompting import encode_prompt, prompt_text
 from posttrain.stages.kit import StageContext
 from posttrain.stages.registry import register_stage
 from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID, GemmaTokenizer
 
 METHODS = ("sample", "beam", "best_of_n")
-
-
-def prompt_text(prompt: Any) -> str:
-    """The user-visible text of a prompt (the last user turn of a chat)."""
-    if isinstance(prompt, str):
-        return prompt
-    user_turns = [turn["content"] for turn in prompt if turn["role"] == "user"]
-    return user_turns[-1] if user_turns else ""
-
-
-def encode_prompt(tokenizer: GemmaTokenizer, prompt: Any, chat: bool) -> list[int]:
-    """Token ids of a prompt: chat-formatted with a generation header, or raw after <bos>."""
-    if isinstance(prompt, str):
-        if not chat:
-            return tokenizer.encode(prompt, add_bos=True)
-        prompt = [{"role": "user", "content": prompt}]
-    return tokenizer.encode_chat(prompt, add_generation_prompt=True)
 
 
 def _check(stage: DictConfig) -> None:
@@ -153,8 +137,10 @@ def _generate(
     """One batch of prompts -> output rows (rewarded, when a reward is given)."""
     rows = _sample_rows(stage, config, params, tokenizer, prompts, ids, settings, reward, rng)
     prompt_index = [row.pop("_prompt") for row in rows]
-    if reward is not None:
-        scores = reward([prompts[i] for i in prompt_index], [r["response"] for r in rows])
+    # Best-of-N rows carry the reward they were chosen by; the others are scored here.
+    if reward is not None and any("reward" not in row for row in rows):
+        responses = [r["response"] for r in rows]
+        scores = score_responses(reward, [prompts[i] for i in prompt_index], responses)
         for row, score in zip(rows, scores, strict=True):
             row["reward"] = float(score)
     return rows
@@ -213,6 +199,7 @@ def _sample_rows(stage, config, params, tokenizer, prompts, ids, settings, rewar
             finished = length > 0 and int(pool.best_tokens[i, length - 1]) in settings.stop_ids
             rows.append(
                 row(i, pool.best_tokens[i], length, pool.pool_model_log_probs[i, best], finished)
+                | {"reward": float(pool.best_rewards[i])}
             )
         return rows
 

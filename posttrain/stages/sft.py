@@ -26,7 +26,7 @@ from posttrain.data.sft import (
     to_rows,
 )
 from posttrain.losses import masked_nll_sum, sequence_token_log_probs
-from posttrain.models import ModelConfig, abstract_params, init_params, param_logical_axes
+from posttrain.models import ModelConfig, init_params, param_logical_axes
 from posttrain.sampling import SamplingConfig, sample
 from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
 from posttrain.stages.kit import (
@@ -130,19 +130,6 @@ def memory_estimate(config: ModelConfig, optim: OptimConfig, stage: SFTConfig, d
     )
 
 
-def dry_run(config: ModelConfig, estimate) -> dict[str, Any]:
-    """Parameter count and memory per device from abstract shapes; nothing is allocated."""
-    shapes = abstract_params(config)
-    count = sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
-    print(f"[dry run] {count / 1e6:.2f}M parameters\n{estimate.table()}")
-    return dict(
-        parameters=count,
-        devices=jax.device_count(),
-        memory_bytes_per_device=int(estimate.total),
-        **{f"memory_{name}_bytes": int(size) for name, size in estimate.parts()},
-    )
-
-
 @register_stage(
     "sft",
     groups=("stage", "data", "model", "optim", "logger"),
@@ -156,7 +143,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     optim = ctx.optim()
     config = ctx.model_config()
     if ctx.cfg.dry_run:
-        return dry_run(config, memory_estimate(config, optim, stage, data, ctx.mesh))
+        config = ctx.checkpoint_config(stage.init_checkpoint)
+        return ctx.dry_run_report(config, memory_estimate(config, optim, stage, data, ctx.mesh))
 
     run_dir = ctx.run_dir
     tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)

@@ -46,7 +46,9 @@ class SyntheticConfig:
             raise ValueError(f"stage.preference_pairs must be >= 0, got {self.preference_pairs}")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> str:
+def _write_jsonl(path: Path, rows: list[dict], write: bool = True) -> str:
+    if not write:  # another process writes it
+        return str(path)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", "utf-8")
     tmp.replace(path)
@@ -58,7 +60,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """Generate the files; returns their paths as the stage's outputs."""
     stage = ctx.settings(SyntheticConfig)
     out = ctx.run_dir
-    out.mkdir(parents=True, exist_ok=True)
     make = TASKS[stage.task]
     train = make(stage.train_rows, seed=stage.seed)
     evaluation = make(stage.eval_rows, seed=stage.seed + 1)
@@ -68,19 +69,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     corpus += [f"{r['prompt']}\n{r['response']}" for r in train[: stage.corpus_lines]]
     if stage.preference_pairs:
         corpus += preference_corpus(pairs)
-    tokenizer = train_tokenizer(corpus, out / "tokenizer", stage.vocab_size)
+    # Only process 0 writes; every process reports the same paths.
+    write = ctx.is_main
+    tokenizer = out / "tokenizer.model"
+    if write:
+        tokenizer = train_tokenizer(corpus, out / "tokenizer", stage.vocab_size)
+    prompts = [{"prompt": r["prompt"]} for r in evaluation]
     metrics: dict[str, Any] = dict(
-        train=_write_jsonl(out / "train.jsonl", train),
-        eval=_write_jsonl(out / "eval.jsonl", evaluation),
-        prompts=_write_jsonl(out / "prompts.jsonl", [{"prompt": r["prompt"]} for r in evaluation]),
+        train=_write_jsonl(out / "train.jsonl", train, write),
+        eval=_write_jsonl(out / "eval.jsonl", evaluation, write),
+        prompts=_write_jsonl(out / "prompts.jsonl", prompts, write),
         tokenizer=str(tokenizer),
         train_rows=len(train),
         eval_rows=len(evaluation),
     )
     if stage.preference_pairs:
         metrics |= dict(
-            pairs=_write_jsonl(out / "pairs.jsonl", pairs),
-            eval_pairs=_write_jsonl(out / "eval_pairs.jsonl", held_out_pairs),
+            pairs=_write_jsonl(out / "pairs.jsonl", pairs, write),
+            eval_pairs=_write_jsonl(out / "eval_pairs.jsonl", held_out_pairs, write),
             preference_pairs=len(pairs),
         )
+    # One line (no steps to plot): what was generated, so every stage directory has the file.
+    ctx.metrics_log.write(0, {k: v for k, v in metrics.items() if isinstance(v, int)})
     return ctx.finish(metrics)

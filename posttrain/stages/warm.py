@@ -136,6 +136,11 @@ def run(ctx: StageContext) -> dict[str, Any]:
     """Train the members, average them, report members / WARM / ensemble."""
     stage = WarmConfig.from_node(ctx.cfg.stage)
     run_dir = ctx.run_dir
+    if ctx.cfg.dry_run:  # members train one after another: one member's memory
+        config = ctx.checkpoint_config(stage.checkpoints[0])
+        return ctx.dry_run_report(
+            config, reward_memory(config, ctx.optim(), stage.reward, ctx.mesh)
+        )
     given = stage.reward.tokenizer
     if isinstance(given, list):
         check_tokenizers(given)
@@ -193,7 +198,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 member_dir / "checkpoints",
                 description=f"member{index}",
                 step_offset=index * steps,  # one step axis across members in metrics.jsonl
-                tags={"member": index},
+                tags={"member": f"member{index}"},  # a label, not a plotted number
             )
             if result.interrupted:
                 return ctx.finish(metrics | {"interrupted": True, "members_finished": index})
