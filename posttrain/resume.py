@@ -5,8 +5,9 @@ in the same directory (and so the same checkpoints and wandb run), with any new 
 top. Before any work the new config is compared with `RUN_DIR/config.yaml`: changes that cannot
 alter the numbers already computed or still to come (logging, checkpoint cadence, evaluation
 size, the mesh — same values to float tolerance, not bitwise) are listed as a warning; any
-other change (a learning rate, the data, the model, `stage.steps`, which the LR schedule's
-horizon follows) breaks exactness and is refused, unless `force_resume=true`.
+other change (a learning rate, the data, the model, the LR schedule's horizon
+`optim.total_steps`, which follows `stage.steps` unless set) breaks exactness and is refused,
+unless `force_resume=true`. So `stage.steps` may grow when `optim.total_steps` was set.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ SAFE_TO_CHANGE = (
     "stage.max_new_tokens",
     "stage.skip_nonfinite",
     "pipeline_dir",
+    # More steps on the same schedule: when the LR horizon follows stage.steps, its change shows
+    # as optim.total_steps, which is refused; with optim.total_steps set, it only extends the run.
+    "stage.steps",
 )
 
 

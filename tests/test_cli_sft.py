@@ -101,7 +101,7 @@ def test_sigterm_saves_and_exits_cleanly(workdir):
     target = metrics["steps"] + 3
     resume = [sys.executable, "-m", "posttrain.cli", f"resume={run_dir}", f"stage.steps={target}"]
     refused = run(resume)
-    assert refused.returncode != 0 and "stage.steps: 100000 -> " in refused.stderr
+    assert refused.returncode != 0 and "optim.total_steps: 100000 -> " in refused.stderr
     resumed = run([*resume, "force_resume=true"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     finished = json.loads((run_dir / "metrics.json").read_text())

@@ -123,3 +123,20 @@ def select_rows(cache: DecodeCache, rows: Array) -> DecodeCache:
         global_positions=take(cache.global_positions),
         local_positions=take(cache.local_positions),
     )
+
+
+def repeat_cache_rows(cache: DecodeCache, repeats: int) -> DecodeCache:
+    """Each row's cache `repeats` times in a row ([b, ...] -> [b·repeats, ...]): k samples of one
+    prompt continue from one prefill."""
+    if repeats == 1:
+        return cache
+
+    def repeat(x: Array) -> Array:
+        return jnp.repeat(x, repeats, axis=0)
+
+    return DecodeCache(
+        layers=tuple(LayerCache(*(repeat(x) for x in layer)) for layer in cache.layers),
+        global_positions=repeat(cache.global_positions),
+        local_positions=repeat(cache.local_positions),
+        index=cache.index,
+    )

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain.models import ModelConfig, decode_step, decode_weights, prefill
+from posttrain.models.cache import repeat_cache_rows
 from posttrain.sampling.processors import first_argmax, process_logits, token_log_probs
 
 Array = jax.Array
@@ -109,7 +110,9 @@ class _LoopState(NamedTuple):
     rng_state: Array  # uint32[4] state of the bit generator
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "stop_ids"))
+@functools.partial(
+    jax.jit, static_argnames=("config", "max_new_tokens", "stop_ids", "samples_per_prompt")
+)
 def generate(
     config: ModelConfig,
     params: Params,
@@ -122,14 +125,21 @@ def generate(
     *,
     max_new_tokens: int,
     stop_ids: tuple[int, ...],
+    samples_per_prompt: int = 1,
 ) -> SampleOutput:
-    """Sample up to `max_new_tokens` after left-padded prompts [b, t] (segment 0 = padding)."""
+    """Sample up to `max_new_tokens` after left-padded prompts [p, t] (segment 0 = padding);
+    with `samples_per_prompt` = k, each prompt is prefilled once and its cache continued by k
+    rows: outputs are [p·k, ...], prompt-major."""
     global trace_count
     trace_count += 1
-    batch, prompt_length = prompt_tokens.shape
+    prompt_length = prompt_tokens.shape[1]
     logits, cache = prefill(
         config, params, prompt_tokens, prompt_segments, prompt_length + max_new_tokens
     )
+    cache = repeat_cache_rows(cache, samples_per_prompt)
+    logits = jnp.repeat(logits[:, -1:], samples_per_prompt, axis=0)
+    prompt_segments = jnp.repeat(prompt_segments, samples_per_prompt, axis=0)
+    batch = prompt_segments.shape[0]
     weights = decode_weights(config, params)
     stop = jnp.asarray(stop_ids, jnp.int32)
     zeros = jnp.zeros((batch, max_new_tokens), jnp.float32)
@@ -196,8 +206,11 @@ def sample(
     prompts: Sequence[Sequence[int]],
     sampling: SamplingConfig | None = None,
     rng: Array | None = None,
+    samples_per_prompt: int = 1,
 ) -> SampleOutput:
-    """Sample continuations of token-id prompts of any lengths (one batch)."""
+    """Sample continuations of token-id prompts of any lengths (one batch); with
+    `samples_per_prompt` = k, k continuations of each prompt from one prefill (rows
+    prompt-major: row i·k + j is prompt i's j-th sample)."""
     sampling = sampling or SamplingConfig()
     tokens, segments = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
     if rng is None:
@@ -213,4 +226,5 @@ def sample(
         jnp.asarray(sampling.top_p, jnp.float32),
         max_new_tokens=sampling.max_new_tokens,
         stop_ids=tuple(sampling.stop_ids),
+        samples_per_prompt=samples_per_prompt,
     )

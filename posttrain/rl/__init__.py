@@ -1,0 +1,1 @@
+"""Policy optimisation machinery shared by the RL stages: rollouts and their plots."""

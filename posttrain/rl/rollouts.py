@@ -1,0 +1,189 @@
+"""Rollouts: the on-policy batch source of the RL stages.
+
+Each call of `next_batch(state)` takes the next `p` prompts of a seeded order, samples `k`
+responses to each from the CURRENT policy (`state.params`; each prompt prefilled once, its cache
+continued by its k rows), scores them with a reward of the reward API (text in, float32 out),
+and lays every (prompt, response) out as one right-padded training row with the per-token
+log-probabilities the loss needs besides the policy's own: under the reference (a frozen tree,
+or the EMA anchor the train state carries) and under the anchor of BOND-style losses.
+
+The position (prompt order: epoch and index; sampler RNG: the number of batches drawn) is JSON
+and goes into every checkpoint, so a resumed run draws exactly the rollouts it would have drawn.
+
+Which policy drew the samples: the sampler draws from the model's distribution transformed by
+temperature / top-k / top-p. The estimators of `posttrain.losses` need the log-probs of the
+policy that drew the samples, so the RL stages sample at temperature 1 without truncation by
+default, where the two coincide; `sampler_log_probs` holds the sampler's model log-probs and
+`sampler_gap` in the stage's metrics reports their distance to the training forward's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from posttrain.losses.log_probs import sequence_token_log_probs
+from posttrain.models import ModelConfig
+from posttrain.rewards.api import RewardFunction, decode_responses, score_rollouts
+from posttrain.sampling.prompting import encode_prompt
+from posttrain.sampling.sampler import SamplingConfig, bucket_length, generate, left_pad
+from posttrain.tokenizer import PAD_ID, GemmaTokenizer
+
+Array = jax.Array
+Params = Any
+
+
+class RolloutBatch(NamedTuple):
+    """Rows [b = p·k, ...], prompt-major (row i·k + j: prompt i, sample j); positions along the
+    row axis t are next-token targets (row t predicts token t + 1)."""
+
+    tokens: np.ndarray  # [b, T] prompt then response, right-padded
+    segments: np.ndarray  # [b, T] 1 on real tokens, 0 on padding
+    response_mask: np.ndarray  # [b, T-1] True where the target is a response token
+    rewards: np.ndarray  # [b] float32
+    reference_log_probs: np.ndarray  # [b, T-1] float32 under the reference (0 off the mask)
+    sampler_log_probs: np.ndarray  # [b, T-1] the sampler's model log-probs, aligned the same way
+    lengths: np.ndarray  # [b] response tokens, the stop token included
+
+
+class RolloutSource:
+    """An on-policy batch source (`posttrain.train.loop.OnPolicySource`) of rollouts."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        tokenizer: GemmaTokenizer,
+        prompts: Sequence[Any],
+        reward: RewardFunction,
+        sampling: SamplingConfig,
+        prompts_per_step: int,
+        samples_per_prompt: int,
+        reference: Callable[[Any], Params],
+        seed: int = 0,
+        chat: bool = True,
+        chunk_size: int = 8192,
+    ) -> None:
+        if len(prompts) < prompts_per_step:
+            raise ValueError(f"{len(prompts)} prompts cannot fill a batch of {prompts_per_step}")
+        self.config, self.tokenizer, self.reward = config, tokenizer, reward
+        self.prompts = list(prompts)
+        self.encoded = [encode_prompt(tokenizer, prompt, chat) for prompt in self.prompts]
+        # One prompt width for the whole run: one compiled sampler and one training shape.
+        self.prompt_width = bucket_length(max(len(ids) for ids in self.encoded))
+        self.sampling = sampling
+        self.p, self.k = prompts_per_step, samples_per_prompt
+        self.reference = reference
+        self.seed, self.epoch, self.index, self.draws = seed, 0, 0, 0
+        self.chunk_size = chunk_size
+        self.seconds: dict[str, float] = {}
+        self.last_responses: list[str] = []
+        self.last_prompts: list[Any] = []
+        self.last_rewards = np.zeros(0, np.float32)
+        self._reference_log_probs = jax.jit(
+            lambda params, tokens, segments: sequence_token_log_probs(
+                config, params, tokens[:, :-1], tokens[:, 1:], segments[:, :-1], chunk_size
+            )
+        )
+
+    # -- position -------------------------------------------------------------------------
+    def state(self) -> dict[str, int]:
+        """Prompt order and sampler RNG position, for the checkpoint."""
+        return {"seed": self.seed, "epoch": self.epoch, "index": self.index, "draws": self.draws}
+
+    def restore(self, position: dict[str, int]) -> None:
+        """Continue from a stored position."""
+        if position["seed"] != self.seed:
+            raise ValueError(f"checkpoint rollout seed {position['seed']} differs from {self.seed}")
+        self.epoch, self.index, self.draws = position["epoch"], position["index"], position["draws"]
+
+    def _next_prompts(self) -> list[int]:
+        if self.index + self.p > len(self.prompts):  # drop the ragged tail of an epoch
+            self.epoch, self.index = self.epoch + 1, 0
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.prompts))
+        picked = order[self.index : self.index + self.p]
+        self.index += self.p
+        return [int(i) for i in picked]
+
+    # -- the batch ------------------------------------------------------------------------
+    def next_batch(self, state: Any) -> RolloutBatch:
+        """Rollouts of the current policy, rewarded and laid out as training rows."""
+        picked = self._next_prompts()
+        rng = jax.random.fold_in(jax.random.key(self.seed), self.draws)
+        self.draws += 1
+        started = time.perf_counter()
+        tokens, segments = left_pad([self.encoded[i] for i in picked], self.prompt_width)
+        out = generate(
+            self.config,
+            state.params,
+            jnp.asarray(tokens),
+            jnp.asarray(segments),
+            rng,
+            jnp.asarray(self.sampling.temperature, jnp.float32),
+            jnp.asarray(self.sampling.top_k, jnp.int32),
+            jnp.asarray(self.sampling.top_p, jnp.float32),
+            max_new_tokens=self.sampling.max_new_tokens,
+            stop_ids=tuple(self.sampling.stop_ids),
+            samples_per_prompt=self.k,
+        )
+        response, lengths, model_log_probs = jax.device_get(
+            (out.tokens, out.lengths, out.model_log_probs)
+        )
+        generated = time.perf_counter()
+        prompts = [self.prompts[i] for i in picked for _ in range(self.k)]
+        rewards = score_rollouts(
+            self.reward, self.tokenizer, prompts, response, lengths, self.sampling.stop_ids
+        )
+        scored = time.perf_counter()
+        prompt_ids = [self.encoded[i] for i in picked for _ in range(self.k)]
+        rows = training_rows(prompt_ids, response, lengths, model_log_probs, self.prompt_width)
+        reference = self._reference_log_probs(self.reference(state), rows[0], rows[1])
+        reference = np.where(rows[2], np.asarray(reference), 0.0).astype(np.float32)
+        self.seconds = {
+            "generation": generated - started,
+            "scoring": scored - generated,
+            "reference": time.perf_counter() - scored,
+        }
+        self.last_prompts, self.last_rewards = prompts, rewards
+        self.last_responses = decode_responses(
+            self.tokenizer, response, lengths, self.sampling.stop_ids
+        )
+        return RolloutBatch(
+            tokens=rows[0],
+            segments=rows[1],
+            response_mask=rows[2],
+            rewards=rewards,
+            reference_log_probs=reference,
+            sampler_log_probs=rows[3],
+            lengths=lengths.astype(np.int32),
+        )
+
+
+def training_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    response: np.ndarray,
+    lengths: np.ndarray,
+    model_log_probs: np.ndarray,
+    prompt_width: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens, segments [b, T], response mask, sampler log-probs [b, T-1]) of right-padded rows
+    `prompt ; response[:length]`, T = prompt_width + max_new_tokens."""
+    rows, new = len(prompt_ids), response.shape[1]
+    width = prompt_width + new
+    tokens = np.full((rows, width), PAD_ID, np.int32)
+    segments = np.zeros((rows, width), np.int32)
+    mask = np.zeros((rows, width - 1), bool)
+    sampler = np.zeros((rows, width - 1), np.float32)
+    for row, (ids, n) in enumerate(zip(prompt_ids, lengths, strict=True)):
+        start, n = len(ids), int(n)
+        tokens[row, :start] = ids
+        tokens[row, start : start + n] = response[row, :n]
+        segments[row, : start + n] = 1
+        # Target t is token t + 1: the response's tokens are targets start - 1 ... start + n - 2.
+        mask[row, start - 1 : start + n - 1] = True
+        sampler[row, start - 1 : start + n - 1] = model_log_probs[row, :n]
+    return tokens, segments, mask, sampler

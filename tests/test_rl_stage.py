@@ -1,0 +1,181 @@
+"""Rollouts and the `reinforce` stage: the sampler and the trainer agree on log-probs, k samples
+share one prefill, the source resumes exactly, and a run resumes bitwise with its EMA anchor,
+moving-average baseline, sampler RNG and prompt position."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from posttrain.checkpoints import save_hf
+from posttrain.data.synthetic import bilingual_corpus, reversal_rows
+from posttrain.losses.log_probs import sequence_token_log_probs
+from posttrain.models import get_preset, init_params
+from posttrain.rewards.api import RuleReward
+from posttrain.rl.rollouts import RolloutSource
+from posttrain.sampling.sampler import SamplingConfig, generate, left_pad
+from posttrain.stages.kit import bundle_tokenizer
+from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID, GemmaTokenizer, train_tokenizer
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory):
+    """A tiny random policy exported as the SFT stage exports one, and a prompt file."""
+    root = tmp_path_factory.mktemp("rl")
+    rows = reversal_rows(64, seed=0)
+    texts = bilingual_corpus(300) + [r["prompt"] + "\n" + r["response"] for r in rows]
+    tokenizer = GemmaTokenizer(train_tokenizer(texts, root / "tok", 700))
+    config = get_preset("tiny_gemma2", vocab_size=tokenizer.vocab_size)
+    params = jax.tree.map(np.asarray, init_params(config, jax.random.key(0)))
+    save_hf(config, params, root / "sft")
+    bundle_tokenizer(root / "sft", tokenizer.model_file)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        "\n".join(json.dumps({"prompt": r["prompt"]}, ensure_ascii=False) for r in rows)
+    )
+    return types.SimpleNamespace(
+        root=root, tokenizer=tokenizer, config=config, params=params, prompts=rows
+    )
+
+
+def _source(policy, k=3, p=4, seed=0):
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, stop_ids=(EOS_ID, END_OF_TURN_ID))
+    return RolloutSource(
+        policy.config,
+        policy.tokenizer,
+        [r["prompt"] for r in policy.prompts],
+        RuleReward("language_match"),
+        sampling,
+        p,
+        k,
+        lambda state: state.params,
+        seed=seed,
+    )
+
+
+def test_sampler_log_probs_equal_the_training_forward(policy):
+    source = _source(policy)
+    state = types.SimpleNamespace(params=policy.params)
+    batch = source.next_batch(state)
+    assert batch.tokens.shape[0] == 12 and batch.response_mask.any(axis=1).all()
+    recomputed = sequence_token_log_probs(
+        policy.config,
+        policy.params,
+        batch.tokens[:, :-1],
+        batch.tokens[:, 1:],
+        batch.segments[:, :-1],
+    )
+    mask = batch.response_mask
+    gap = np.abs(np.where(mask, np.asarray(recomputed) - batch.sampler_log_probs, 0.0))
+    assert gap.max() <= 1e-5, gap.max()
+    # The reference here is the policy itself: its per-token log-probs are the same numbers.
+    np.testing.assert_allclose(
+        batch.reference_log_probs[mask], batch.sampler_log_probs[mask], atol=1e-5
+    )
+    assert np.all(batch.reference_log_probs[~mask] == 0)
+    # Every row's mask covers exactly its response, the stop token included.
+    assert (mask.sum(axis=1) == batch.lengths).all()
+    # Rewards are the rule's on the decoded text.
+    expected = RuleReward("language_match")(source.last_prompts, source.last_responses)
+    np.testing.assert_array_equal(batch.rewards, expected)
+
+
+def test_k_samples_share_one_prefill_and_equal_repeated_prompts(policy):
+    tokenizer = policy.tokenizer
+    prompts = [
+        tokenizer.encode_chat(
+            [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True
+        )
+        for r in policy.prompts[:3]
+    ]
+    tokens, segments = left_pad(prompts, 32)
+    args = (jnp.asarray(1.0), jnp.asarray(0, jnp.int32), jnp.asarray(1.0))
+    rng = jax.random.key(5)
+    shared = generate(policy.config, policy.params, tokens, segments, rng, *args,
+                      max_new_tokens=10, stop_ids=(END_OF_TURN_ID,), samples_per_prompt=4)  # fmt: skip
+    repeated = generate(policy.config, policy.params, np.repeat(tokens, 4, 0), np.repeat(segments, 4, 0),
+                        rng, *args, max_new_tokens=10, stop_ids=(END_OF_TURN_ID,))  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(shared.tokens), np.asarray(repeated.tokens))
+    np.testing.assert_allclose(shared.model_log_probs, repeated.model_log_probs, atol=1e-5)
+    # The 4 rows of a prompt are different samples, not copies.
+    assert len({tuple(row) for row in np.asarray(shared.tokens)[:4]}) > 1
+
+
+def test_rollout_source_position_resumes_exactly(policy):
+    state = types.SimpleNamespace(params=policy.params)
+    straight = _source(policy, p=8, seed=3)
+    for _ in range(9):  # past an epoch boundary (64 prompts, 8 per batch)
+        straight.next_batch(state)
+    saved = straight.state()
+    expected = straight.next_batch(state)
+    resumed = _source(policy, p=8, seed=3)
+    resumed.restore(json.loads(json.dumps(saved)))
+    got = resumed.next_batch(state)
+    assert saved["epoch"] == 1 and saved["draws"] == 9
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="seed"):
+        _source(policy, seed=4).restore(saved)
+
+
+def _reinforce(policy, run_dir: Path, *extra: str) -> dict:
+    """Run the stage in this process (compiled steps are shared between the runs)."""
+    from posttrain.cli import _compose, run_stage
+
+    overrides = [
+        "stage=reinforce", f"run_dir={run_dir}",
+        f"stage.init_checkpoint={policy.root / 'sft'}", f"stage.prompts={policy.root / 'prompts.jsonl'}",
+        "stage.reward=language_match", "stage.prompts_per_step=4", "stage.samples_per_prompt=2",
+        "stage.max_new_tokens=8", "stage.save_every=2", "stage.bon_pool=4", "stage.bon_prompts=4",
+        "stage.reference=ema", "stage.baseline=moving_average", "optim.lr=3e-3",
+        "optim.total_steps=6", "logger=disabled", *extra,
+    ]  # fmt: skip
+    return run_stage(_compose(overrides), overrides)
+
+
+@pytest.mark.slow
+def test_reinforce_stage_logs_plots_and_resumes_bitwise(policy, tmp_path):
+    # Given a 6-step run, and the same run stopped after 3 steps and resumed to 6,
+    from posttrain.cli import _compose, run_stage
+    from posttrain.resume import resume_arguments
+
+    _reinforce(policy, tmp_path / "straight", "stage.steps=6")
+    assert _reinforce(policy, tmp_path / "resumed", "stage.steps=3")["steps"] == 3
+    arguments = resume_arguments(tmp_path / "resumed", ["stage.steps=6"])
+    overrides = [a for a in arguments if not a.startswith("hydra.")]
+    run_stage(_compose(overrides), overrides)
+    # then the resumed policy is bitwise the straight one (EMA anchor, moving-average baseline,
+    # sampler RNG and prompt order all restored),
+    a = (tmp_path / "straight" / "hf" / "model.safetensors").read_bytes()
+    b = (tmp_path / "resumed" / "hf" / "model.safetensors").read_bytes()
+    assert a == b
+    lines = {
+        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
+        for name in ("straight", "resumed")
+    }
+    keys = ("loss", "reward", "kl_k1", "kl_k3", "sampler_gap", "entropy", "length")
+    for x, y in zip(lines["straight"], lines["resumed"], strict=True):
+        assert all(x[k] == y[k] for k in keys), (x, y)
+    # and every step logged its metrics, with sampler and trainer agreeing.
+    row = lines["straight"][-1]
+    for key in (*keys, "lr", "grad_norm", "seconds_generation", "seconds_scoring",
+                "seconds_reference", "seconds_update"):  # fmt: skip
+        assert key in row, key
+    assert max(r["sampler_gap"] for r in lines["straight"]) < 1e-4
+    assert all(r["kl_k3"] >= 0 for r in lines["straight"])
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["resumed_from"] == 3 and metrics["steps"] == 6
+    for name in ("reward_vs_kl.png", "metrics.png", "summary.md", "bon_curve.json"):
+        assert (tmp_path / "straight" / name).exists(), name
+    curve = json.loads((tmp_path / "straight" / "bon_curve.json").read_text())
+    assert curve["n"] == [1.0, 2.0, 3.0, 4.0]
+    assert curve["reward"] == sorted(curve["reward"])  # E[best of n] grows with n
