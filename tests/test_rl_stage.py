@@ -179,3 +179,40 @@ def test_reinforce_stage_logs_plots_and_resumes_bitwise(policy, tmp_path):
     curve = json.loads((tmp_path / "straight" / "bon_curve.json").read_text())
     assert curve["n"] == [1.0, 2.0, 3.0, 4.0]
     assert curve["reward"] == sorted(curve["reward"])  # E[best of n] grows with n
+
+
+def _bond(policy, run_dir: Path, *extra: str) -> dict:
+    from posttrain.cli import _compose, run_stage
+
+    overrides = [
+        "stage=bond", f"run_dir={run_dir}",
+        f"stage.init_checkpoint={policy.root / 'sft'}", f"stage.prompts={policy.root / 'prompts.jsonl'}",
+        "stage.reward=language_match", "stage.prompts_per_step=4", "stage.max_new_tokens=8",
+        "stage.steps=4", "stage.save_every=0", "stage.bon_pool=0", "optim.lr=3e-3",
+        "logger=disabled", *extra,
+    ]  # fmt: skip
+    return run_stage(_compose(overrides), overrides)
+
+
+@pytest.mark.slow
+def test_iterative_bond_replaces_its_anchor_and_jbond_moves_an_ema_anchor(policy, tmp_path):
+    # Iterative BOND with N = 4 anchors, 2 policy samples, the anchor copied every 2 steps:
+    _bond(policy, tmp_path / "bond", "stage.variant=bond", "stage.n=4", "stage.anchor_period=2")
+    rows = [json.loads(x) for x in (tmp_path / "bond" / "metrics.jsonl").open()]
+    # after the copy at step 2, step 3 samples a policy equal to its anchor: KL exactly 0,
+    assert abs(rows[2]["kl_to_anchor"]) < 1e-6 and abs(rows[0]["kl_to_anchor"]) < 1e-6
+    assert abs(rows[1]["kl_to_anchor"]) > 1e-4 and abs(rows[3]["kl_to_anchor"]) > 1e-4
+    for row in rows:
+        assert row["sampler_gap"] < 1e-4 and 0.0 <= row["win_rate_vs_anchor"] <= 1.0
+        assert np.log(1 / 5) - 1e-6 <= row["log_quantile"] <= 0.0  # add-one quantile of 4 anchors
+    assert (tmp_path / "bond" / "hf" / "tokenizer.model").exists()
+    # J-BOND: the EMA anchor trails the policy, so the KL to it is positive but small against
+    # the KL to the SFT reference once the policy has moved.
+    _bond(
+        policy, tmp_path / "jbond", "stage.variant=jbond", "stage.ema_rate=0.5", "stage.gamma=0.1"
+    )
+    rows = [json.loads(x) for x in (tmp_path / "jbond" / "metrics.jsonl").open()]
+    assert abs(rows[0]["kl_to_anchor"]) < 1e-6 and rows[-1]["kl_to_anchor"] != 0.0
+    summary = json.loads((tmp_path / "jbond" / "summary.json").read_text())
+    assert summary["stage"] == "bond" and summary["metrics"]["variant"] == "jbond"
+    assert (tmp_path / "jbond" / "reward_vs_kl.png").exists()

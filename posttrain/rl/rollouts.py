@@ -110,16 +110,13 @@ class RolloutSource:
         return [int(i) for i in picked]
 
     # -- the batch ------------------------------------------------------------------------
-    def next_batch(self, state: Any) -> RolloutBatch:
-        """Rollouts of the current policy, rewarded and laid out as training rows."""
-        picked = self._next_prompts()
-        rng = jax.random.fold_in(jax.random.key(self.seed), self.draws)
-        self.draws += 1
-        started = time.perf_counter()
+    def draw(self, params: Params, picked: list[int], k: int, rng: Array) -> dict[str, Any]:
+        """k samples of each picked prompt from `params` (one prefill per prompt), rewarded and
+        laid out as training rows: tokens, segments, mask, sampler log-probs, rewards, lengths."""
         tokens, segments = left_pad([self.encoded[i] for i in picked], self.prompt_width)
         out = generate(
             self.config,
-            state.params,
+            params,
             jnp.asarray(tokens),
             jnp.asarray(segments),
             rng,
@@ -128,39 +125,58 @@ class RolloutSource:
             jnp.asarray(self.sampling.top_p, jnp.float32),
             max_new_tokens=self.sampling.max_new_tokens,
             stop_ids=tuple(self.sampling.stop_ids),
-            samples_per_prompt=self.k,
+            samples_per_prompt=k,
         )
         response, lengths, model_log_probs = jax.device_get(
             (out.tokens, out.lengths, out.model_log_probs)
         )
         generated = time.perf_counter()
-        prompts = [self.prompts[i] for i in picked for _ in range(self.k)]
+        prompts = [self.prompts[i] for i in picked for _ in range(k)]
         rewards = score_rollouts(
             self.reward, self.tokenizer, prompts, response, lengths, self.sampling.stop_ids
         )
-        scored = time.perf_counter()
-        prompt_ids = [self.encoded[i] for i in picked for _ in range(self.k)]
+        self.seconds["scoring"] = self.seconds.get("scoring", 0.0) + time.perf_counter() - generated
+        prompt_ids = [self.encoded[i] for i in picked for _ in range(k)]
         rows = training_rows(prompt_ids, response, lengths, model_log_probs, self.prompt_width)
-        reference = self._reference_log_probs(self.reference(state), rows[0], rows[1])
-        reference = np.where(rows[2], np.asarray(reference), 0.0).astype(np.float32)
-        self.seconds = {
-            "generation": generated - started,
-            "scoring": scored - generated,
-            "reference": time.perf_counter() - scored,
-        }
         self.last_prompts, self.last_rewards = prompts, rewards
         self.last_responses = decode_responses(
             self.tokenizer, response, lengths, self.sampling.stop_ids
         )
-        return RolloutBatch(
+        return dict(
             tokens=rows[0],
             segments=rows[1],
             response_mask=rows[2],
-            rewards=rewards,
-            reference_log_probs=reference,
             sampler_log_probs=rows[3],
+            rewards=rewards,
             lengths=lengths.astype(np.int32),
         )
+
+    def token_log_probs(self, params: Params, rows: dict[str, Any]) -> np.ndarray:
+        """Per-target log-probs [b, T-1] of rows under `params`, 0 off the response mask."""
+        started = time.perf_counter()
+        values = self._reference_log_probs(params, rows["tokens"], rows["segments"])
+        values = np.where(rows["response_mask"], np.asarray(values), 0.0).astype(np.float32)
+        self.seconds["reference"] = self.seconds.get("reference", 0.0) + (
+            time.perf_counter() - started
+        )
+        return values
+
+    def next_key(self) -> Array:
+        """The sampler key of the next batch (from the seed and the number of batches drawn)."""
+        key = jax.random.fold_in(jax.random.key(self.seed), self.draws)
+        self.draws += 1
+        return key
+
+    def next_batch(self, state: Any) -> RolloutBatch:
+        """Rollouts of the current policy, rewarded and laid out as training rows."""
+        picked = self._next_prompts()
+        self.seconds = {}
+        started = time.perf_counter()
+        rows = self.draw(state.params, picked, self.k, self.next_key())
+        total = time.perf_counter() - started
+        reference = self.token_log_probs(self.reference(state), rows)
+        self.seconds["generation"] = total - self.seconds["scoring"]
+        return RolloutBatch(reference_log_probs=reference, **rows)
 
 
 def training_rows(
