@@ -17,7 +17,10 @@ demo: $(BIN)/.installed
 	$(BIN)/python -m posttrain.demo
 
 test: $(BIN)/.installed
-	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --durations=15
+	# Two workers (one per core here); a test file stays on one worker, so its module fixtures
+	# (the quickstart's run, trained tokenizers) are built once.
+	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --durations=15 \
+		-n auto --maxprocesses=4 --dist loadfile
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

@@ -36,21 +36,26 @@ def register_configs() -> None:
 
 
 def dataclass_from_node(
-    cls: type[_Config], node: DictConfig | Mapping[str, Any], group: str
+    cls: type[_Config],
+    node: DictConfig | Mapping[str, Any],
+    group: str,
+    lists_as_tuples: bool = True,
+    ignore: tuple[str, ...] = (),
 ) -> _Config:
     """An instance of dataclass `cls` from a composed config node; an unknown key fails naming
-    `group.key` and the closest field. Lists become tuples (the frozen configs hold tuples)."""
+    `group.key` and the closest field. Lists become tuples unless told otherwise (the frozen
+    model and optimizer configs hold tuples); keys in `ignore` are dropped."""
     fields = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    fields = {key: value for key, value in dict(fields).items() if key not in ignore}
     known = [field.name for field in dataclasses.fields(cls)]
     for key in fields:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {group}.{close[0]}?" if close else f"; known: {known}"
             raise ValueError(f"unknown {cls.__name__} field {group}.{key}{hint}")
-    values = {
-        key: tuple(value) if isinstance(value, list) else value for key, value in fields.items()
-    }
-    return cls(**values)
+    if lists_as_tuples:
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+    return cls(**fields)
 
 
 def model_config_from_node(node: DictConfig | Mapping[str, Any]) -> ModelConfig:

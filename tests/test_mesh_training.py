@@ -158,3 +158,55 @@ def test_reward_and_warm_training_on_the_mesh_equal_one_device(tmp_path):
         for x, y in zip(jax.tree.leaves(single[0]["backbone"]), jax.tree.leaves(start), strict=True)
     )
     assert moved > 1e-3
+
+
+def test_reinforce_step_on_the_mesh_equals_one_device(tmp_path):
+    # Given one batch of rollouts of a tiny policy (prompts of random ids, a reward on length),
+    import types
+
+    from posttrain.rl.rollouts import RolloutSource
+    from posttrain.sampling import SamplingConfig
+    from posttrain.stages.reinforce import ReinforceConfig, reinforce_loss_terms
+
+    class Tokens:
+        vocab_size = CONFIG.vocab_size
+
+        def encode_chat(self, turns, add_generation_prompt=True):
+            return [2, *(3 + (ord(c) % 200) for c in turns[-1]["content"])]
+
+        def decode(self, ids):
+            return " ".join(str(i) for i in ids)
+
+    def reward(prompts, responses):
+        return np.asarray([len(r) % 7 for r in responses], np.float32)
+
+    params = init_params(CONFIG, jax.random.key(0))
+    source = RolloutSource(
+        CONFIG, Tokens(), [f"prompt {i}" for i in range(8)], reward,
+        SamplingConfig(max_new_tokens=6, stop_ids=(1,)), 4, 2, lambda state: state.params,
+    )  # fmt: skip
+    batch = source.next_batch(types.SimpleNamespace(params=params))
+    stage = ReinforceConfig(init_checkpoint="", prompts="", reward="", samples_per_prompt=2)
+    loss_terms = reinforce_loss_terms(CONFIG, stage)
+    # A small SGD step: the parameter change is 0.01·gradient, compared at 1e-5.
+    optimizer = optax.sgd(0.01)
+    step = make_train_step(loss_terms, optimizer, uses_extras=True)
+    extras = {"baseline": np.zeros((), np.float32)}
+    expected, expected_metrics = step(
+        init_state(jax.tree.map(lambda x: x.copy(), params), optimizer, 0, extras), batch
+    )
+    # when the same step runs with FSDP x tensor parallelism over 8 devices,
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=2))
+    sharded = shard_params(params, param_logical_axes(CONFIG), mesh)
+    with activation_sharding(mesh):
+        got, got_metrics = make_train_step(loss_terms, optimizer, uses_extras=True)(
+            place_on_mesh(init_state(sharded, optimizer, 0, extras), mesh), shard_batch(batch, mesh)
+        )
+    # then the loss and RL metrics agree to 1e-5 (relative) and the parameters to 1e-5.
+    for key in ("loss", "reward", "kl_k1", "sampler_gap", "grad_norm"):
+        np.testing.assert_allclose(
+            float(got_metrics[key]), float(expected_metrics[key]), rtol=1e-5, atol=1e-5
+        )
+    assert float(expected_metrics["grad_norm"]) > 1e-3
+    for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(expected.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)

@@ -127,19 +127,25 @@ def test_rollout_source_position_resumes_exactly(policy):
         _source(policy, seed=4).restore(saved)
 
 
-def _reinforce(policy, run_dir: Path, *extra: str) -> dict:
-    """Run the stage in this process (compiled steps are shared between the runs)."""
+def _run(policy, stage: str, run_dir: Path, *extra: str) -> dict:
+    """Run an RL stage in this process (compiled steps are shared between the runs)."""
     from posttrain.cli import _compose, run_stage
 
     overrides = [
-        "stage=reinforce", f"run_dir={run_dir}",
+        f"stage={stage}", f"run_dir={run_dir}",
         f"stage.init_checkpoint={policy.root / 'sft'}", f"stage.prompts={policy.root / 'prompts.jsonl'}",
-        "stage.reward=language_match", "stage.prompts_per_step=4", "stage.samples_per_prompt=2",
-        "stage.max_new_tokens=8", "stage.save_every=2", "stage.bon_pool=4", "stage.bon_prompts=4",
-        "stage.reference=ema", "stage.baseline=moving_average", "optim.lr=3e-3",
-        "optim.total_steps=6", "logger=disabled", *extra,
+        "stage.reward=language_match", "stage.prompts_per_step=4", "stage.max_new_tokens=8",
+        "optim.lr=3e-3", "logger=disabled", *extra,
     ]  # fmt: skip
     return run_stage(_compose(overrides), overrides)
+
+
+def _reinforce(policy, run_dir: Path, *extra: str) -> dict:
+    return _run(
+        policy, "reinforce", run_dir, "stage.samples_per_prompt=2", "stage.save_every=2",
+        "stage.bon_pool=4", "stage.bon_prompts=4", "stage.reference=ema",
+        "stage.baseline=moving_average", "optim.total_steps=6", *extra,
+    )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -182,16 +188,9 @@ def test_reinforce_stage_logs_plots_and_resumes_bitwise(policy, tmp_path):
 
 
 def _bond(policy, run_dir: Path, *extra: str) -> dict:
-    from posttrain.cli import _compose, run_stage
-
-    overrides = [
-        "stage=bond", f"run_dir={run_dir}",
-        f"stage.init_checkpoint={policy.root / 'sft'}", f"stage.prompts={policy.root / 'prompts.jsonl'}",
-        "stage.reward=language_match", "stage.prompts_per_step=4", "stage.max_new_tokens=8",
-        "stage.steps=4", "stage.save_every=0", "stage.bon_pool=0", "optim.lr=3e-3",
-        "logger=disabled", *extra,
-    ]  # fmt: skip
-    return run_stage(_compose(overrides), overrides)
+    return _run(
+        policy, "bond", run_dir, "stage.steps=4", "stage.save_every=0", "stage.bon_pool=0", *extra
+    )
 
 
 @pytest.mark.slow

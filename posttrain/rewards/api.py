@@ -262,9 +262,12 @@ _TERM_KEYS = {"rule", "model", "ensemble", "weight", "preamble", "tokenizer", "b
 
 
 def reward_from_config(spec: str | Mapping[str, Any], tokenizer: str | None) -> Recentred:
-    """A reward function from a stage's `reward` value; unknown keys fail naming the key."""
+    """A reward function from a stage's `reward` value (a rule name, a reward-model directory,
+    or a spec); unknown keys fail naming the key."""
     if isinstance(spec, str):
-        spec = {"terms": [{"rule": spec}]}
+        # A directory is a reward model (what a recipe's `reward.checkpoint` input hands over).
+        is_model = Path(spec).is_dir()
+        spec = {"terms": [{"model": spec} if is_model else {"rule": spec}]}
     unknown = set(spec) - {"terms", "offset"}
     if unknown:
         raise KeyError(f"reward: unknown keys {sorted(unknown)}; expected terms, offset")

@@ -34,8 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import OmegaConf
 
-from posttrain.checkpoints import load_hf, save_hf
-from posttrain.data.prompts import load_prompts
 from posttrain.losses.bond import (
     batch_leave_one_out_baseline,
     bond_backward_return,
@@ -49,22 +47,18 @@ from posttrain.losses.bond import (
 from posttrain.losses.kl import kl_k1, kl_k3, sequence_log_prob
 from posttrain.losses.log_probs import sequence_token_log_probs
 from posttrain.losses.policy_gradient import leave_one_out_mean
-from posttrain.models import ModelConfig, param_logical_axes
-from posttrain.rewards.api import reward_from_config
-from posttrain.rl.plots import load_curve, save_curve
+from posttrain.models import ModelConfig
+from posttrain.rl.progress import RLStepLog
 from posttrain.rl.rollouts import RolloutSource
-from posttrain.sampling import SamplingConfig
-from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
+from posttrain.rl.setup import load_policy_setup, reference_curve, rl_dry_run
+from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch
 from posttrain.stages.kit import (
-    TOKENIZER_FILE,
     StageContext,
-    bundle_tokenizer,
-    gather_to_host,
+    loop_metrics,
     settings_from_node,
 )
 from posttrain.stages.registry import register_stage
-from posttrain.stages.reinforce import draw_reward_vs_kl, reference_pool_curve
-from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID
+from posttrain.stages.reinforce import draw_reward_vs_kl
 from posttrain.train.optim import make_optimizer, make_schedule
 from posttrain.train.step import ema_update, init_state, make_train_step
 
@@ -284,53 +278,26 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     optim = ctx.optim()
     if ctx.cfg.dry_run:
-        from posttrain.models import abstract_params
-        from posttrain.train.memory import estimate_training_memory
-
-        config = ctx.checkpoint_config(stage.init_checkpoint)
-        rows = stage.prompts_per_step * (stage.samples + 1)
-        generated = stage.prompts_per_step * (stage.samples + stage.anchor_samples)
-        frozen = [("reference", abstract_params(config))]
-        if uses_anchor_tree(stage):
-            frozen.append(("anchor", abstract_params(config)))
-        estimate = estimate_training_memory(
-            config, make_optimizer(optim), rows, 256 + stage.max_new_tokens, ctx.mesh,
-            chunk_size=stage.chunk_size, frozen=frozen, rollout_batch=generated,
-            cache_size=256 + stage.max_new_tokens,
-        )  # fmt: skip
-        return ctx.dry_run_report(config, estimate)
-    tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)
-    config, params = load_hf(stage.init_checkpoint)
-    ctx.check_vocab(config, tokenizer, stage.init_checkpoint)
-    reward = reward_from_config(stage.reward, str(tokenizer.model_file))
-    prompts = load_prompts(stage.prompts, stage.prompt_column, stage.split)
-
+        trained = stage.prompts_per_step * (stage.samples + 1)
+        sampled = stage.prompts_per_step * (stage.samples + stage.anchor_samples)
+        return rl_dry_run(ctx, stage, optim, trained, sampled, 1 + uses_anchor_tree(stage))
+    setup = load_policy_setup(ctx, stage)
+    config, params, reference = setup.config, setup.params, setup.reference
     mesh = ctx.mesh
-    params = shard_params(jax.tree.map(jnp.asarray, params), param_logical_axes(config), mesh)
-    reference = jax.tree.map(jnp.copy, params)
     extras: dict[str, Any] = {"updates": jnp.zeros((), jnp.int32)}
     if uses_anchor_tree(stage):
         extras["anchor"] = jax.tree.map(jnp.copy, params)
-    sampling = SamplingConfig(
-        max_new_tokens=stage.max_new_tokens, temperature=1.0, stop_ids=(EOS_ID, END_OF_TURN_ID)
-    )
 
     def anchor_of(state):
         return state.extras["anchor"] if uses_anchor_tree(stage) else reference
 
     source = BondSource(
-        config, tokenizer, prompts, reward, sampling, stage.prompts_per_step, stage.samples,
+        config, setup.tokenizer, setup.prompts, setup.reward, setup.sampling,
+        stage.prompts_per_step, stage.samples,
         lambda state: reference, seed=stage.seed, chat=stage.chat, chunk_size=stage.chunk_size,
         anchor_samples=stage.anchor_samples, anchor=anchor_of,
     )  # fmt: skip
-    curve_path = ctx.run_dir / "bon_curve.json"
-    curve = load_curve(curve_path)
-    if curve is None and stage.bon_pool > 1:
-        curve = reference_pool_curve(
-            source, reference, stage.bon_pool, stage.bon_prompts, stage.seed
-        )
-        if ctx.is_main:
-            save_curve(curve_path, curve)
+    curve = reference_curve(ctx, source, reference, stage)
 
     optimizer = make_optimizer(optim)
     jitted = make_train_step(
@@ -341,26 +308,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         with activation_sharding(mesh):
             return jitted(state, shard_batch(batch, mesh))
 
-    history: dict[str, float] = {}
-
-    def on_step(step: int, metrics: dict[str, float], state) -> None:
-        metrics.update({f"seconds_{k}": v for k, v in source.seconds.items()})
-        metrics["seconds_update"] = metrics["seconds"] - sum(source.seconds.values())
-        history.setdefault("initial_reward", metrics["reward"])
-        history.update(
-            final_reward=metrics["reward"],
-            final_kl_k1=metrics["kl_k1"],
-            final_win_rate_vs_anchor=metrics["win_rate_vs_anchor"],
-        )
-        if stage.sample_every and step % stage.sample_every == 0:
-            rows = [
-                [str(p), r, float(s)]
-                for p, r, s in zip(
-                    source.last_prompts[:8], source.last_responses[:8], source.last_rewards[:8],
-                    strict=False,
-                )
-            ]  # fmt: skip
-            ctx.tracker.log_table("train/samples", ["prompt", "response", "reward"], rows, step)
+    on_step = RLStepLog(ctx, source, stage.sample_every, ("reward", "kl_k1", "win_rate_vs_anchor"))
 
     result = ctx.train(
         place_on_mesh(init_state(params, optimizer, ctx.cfg.seed, extras), mesh),
@@ -374,21 +322,13 @@ def run(ctx: StageContext) -> dict[str, Any]:
         on_step=on_step,
     )
     metrics: dict[str, Any] = dict(
-        steps=int(result.state.step),
-        steps_run=result.steps_run,
-        interrupted=result.interrupted,
-        resumed_from=result.resumed_from,
-        skipped_nonfinite=result.skipped_nonfinite,
+        **loop_metrics(result),
         variant=stage.variant,
-        **history,
+        **on_step.history,
     )
     if result.interrupted:
         return ctx.finish(metrics)
-    host_params = gather_to_host(result.state.params)
+    metrics |= ctx.export_policy(config, result.state.params)
     if ctx.is_main:
-        save_hf(config, host_params, ctx.run_dir / "hf")
-        bundle_tokenizer(ctx.run_dir / "hf", tokenizer.model_file)
         draw_reward_vs_kl(ctx, curve, metrics["steps"])
-    metrics["checkpoint"] = str(ctx.run_dir / "hf")
-    metrics["tokenizer"] = str(ctx.run_dir / "hf" / TOKENIZER_FILE)
     return ctx.finish(metrics)

@@ -13,8 +13,6 @@ Only process 0 writes files or talks to wandb.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import functools
 import math
 from collections.abc import Callable
@@ -43,6 +41,7 @@ __all__ = [
     "check_vocab",
     "export_metadata",
     "gather_to_host",
+    "loop_metrics",
     "resolve_tokenizer",
     "settings_from_node",
 ]
@@ -55,17 +54,22 @@ class VocabularyMismatchError(ValueError):
 
 
 def settings_from_node(cls: type[_Settings], node: DictConfig | dict, group: str) -> _Settings:
-    """Dataclass `cls` from a config node; an unknown key fails naming `group.key` and the
-    closest field (the `name` key of a stage group is the group choice, not a field)."""
-    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    values = {k: v for k, v in dict(values).items() if k != "name"}
-    known = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f"; did you mean {group}.{close[0]}?" if close else f"; known: {sorted(known)}"
-            raise ValueError(f"{group}.{key} is not a setting of {cls.__name__}{hint}")
-    return cls(**values)
+    """A stage's dataclass `cls` from its config node (lists stay lists; the group's `name` is
+    its choice, not a field); an unknown key fails naming `group.key` and the closest field."""
+    from posttrain.config_store import dataclass_from_node
+
+    return dataclass_from_node(cls, node, group, lists_as_tuples=False, ignore=("name",))
+
+
+def loop_metrics(result) -> dict[str, Any]:
+    """How a training loop ended, as every training stage reports it."""
+    return dict(
+        steps=int(result.state.step),
+        steps_run=result.steps_run,
+        interrupted=result.interrupted,
+        resumed_from=result.resumed_from,
+        skipped_nonfinite=result.skipped_nonfinite,
+    )
 
 
 def check_vocab(model_vocab: int, tokenizer_vocab: int, model: str, tokenizer: str) -> None:
@@ -90,7 +94,7 @@ class StageContext:
         self.resume_command = resume_command or f"posttrain resume={self.run_dir}"
         self._metrics_log = None
         self._tracker = None
-        self._global_step = 0
+        self._tokenizer_file: Path | None = None
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -188,7 +192,9 @@ class StageContext:
         different)."""
         from posttrain.tokenizer import GemmaTokenizer
 
-        return GemmaTokenizer(resolve_tokenizer(given, checkpoint))
+        tokenizer = GemmaTokenizer(resolve_tokenizer(given, checkpoint))
+        self._tokenizer_file = tokenizer.model_file  # what exports carry
+        return tokenizer
 
     def check_vocab(self, config, tokenizer, model: str) -> None:
         """The model's vocabulary must equal the tokenizer's."""
@@ -289,6 +295,18 @@ class StageContext:
                 flush=True,
             )
         return result
+
+    def export_policy(self, config, params) -> dict[str, str]:
+        """Write `hf/` (the policy as a Hugging Face directory, with the run's tokenizer; process
+        0) and return its paths as the stage's `checkpoint` and `tokenizer` outputs."""
+        from posttrain.checkpoints import save_hf
+
+        directory = self.run_dir / "hf"
+        host = gather_to_host(params)
+        if self.is_main:
+            save_hf(config, host, directory)
+            bundle_tokenizer(directory, self._tokenizer_file)
+        return {"checkpoint": str(directory), "tokenizer": str(directory / TOKENIZER_FILE)}
 
     # -- end of run -----------------------------------------------------------------------
     def finish(

@@ -25,17 +25,13 @@ and k3, entropy estimate, length, sampler gap, time split), `metrics.png`, `rewa
 from __future__ import annotations
 
 import dataclasses
-import types
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from posttrain.checkpoints import load_hf, save_hf
-from posttrain.data.prompts import load_prompts
 from posttrain.losses.kl import kl_k1, kl_k3, sequence_log_prob
 from posttrain.losses.log_probs import sequence_token_log_probs
 from posttrain.losses.policy_gradient import (
@@ -46,15 +42,14 @@ from posttrain.losses.policy_gradient import (
     per_token_reinforce_loss,
     reinforce_loss,
 )
-from posttrain.models import ModelConfig, param_logical_axes
-from posttrain.rewards.api import reward_from_config
-from posttrain.rl.plots import best_of_n_curve, load_curve, plot_reward_vs_kl, save_curve
+from posttrain.models import ModelConfig
+from posttrain.rl.plots import plot_reward_vs_kl
+from posttrain.rl.progress import RLStepLog
 from posttrain.rl.rollouts import RolloutBatch, RolloutSource
-from posttrain.sampling import SamplingConfig
-from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
-from posttrain.stages.kit import TOKENIZER_FILE, StageContext, bundle_tokenizer, gather_to_host
+from posttrain.rl.setup import load_policy_setup, reference_curve, rl_dry_run
+from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch
+from posttrain.stages.kit import StageContext, loop_metrics
 from posttrain.stages.registry import register_stage
-from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID
 from posttrain.train.optim import make_optimizer, make_schedule
 from posttrain.train.step import ema_update, init_state, make_train_step
 
@@ -194,27 +189,6 @@ def settings(node: DictConfig) -> ReinforceConfig:
     return settings_from_node(ReinforceConfig, OmegaConf.to_container(node, resolve=True), "stage")
 
 
-def reference_pool_curve(
-    source: RolloutSource, params: Any, pool: int, prompts: int, seed: int
-) -> dict[str, list[float]]:
-    """The Best-of-N curve of the reference: `pool` samples for each of `prompts` prompts."""
-    probe = RolloutSource(
-        source.config,
-        source.tokenizer,
-        source.prompts[: max(prompts, 1)],
-        source.reward,
-        source.sampling,
-        min(prompts, len(source.prompts)),
-        pool,
-        lambda state: state.params,
-        seed=seed + 1,
-        chunk_size=source.chunk_size,
-    )
-    probe.prompt_width = source.prompt_width
-    batch = probe.next_batch(types.SimpleNamespace(params=params))
-    return best_of_n_curve(batch.rewards.reshape(-1, pool))
-
-
 @register_stage(
     "reinforce",
     groups=("stage", "optim", "logger"),
@@ -226,49 +200,24 @@ def run(ctx: StageContext) -> dict[str, Any]:
     stage = settings(ctx.cfg.stage)
     optim = ctx.optim()
     if ctx.cfg.dry_run:
-        from posttrain.models import abstract_params
-        from posttrain.train.memory import estimate_training_memory
-
-        config = ctx.checkpoint_config(stage.init_checkpoint)
         rows = stage.prompts_per_step * stage.samples_per_prompt
-        estimate = estimate_training_memory(
-            config,
-            make_optimizer(optim),
-            rows,
-            256 + stage.max_new_tokens,
-            ctx.mesh,
-            micro_batches=stage.micro_batches,
-            chunk_size=stage.chunk_size,
-            frozen=[("reference", abstract_params(config))],
-            rollout_batch=rows,
-            cache_size=256 + stage.max_new_tokens,
-        )
-        return ctx.dry_run_report(config, estimate)
-    tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)
-    config, params = load_hf(stage.init_checkpoint)
-    ctx.check_vocab(config, tokenizer, stage.init_checkpoint)
-    reward = reward_from_config(stage.reward, str(tokenizer.model_file))
-    prompts = load_prompts(stage.prompts, stage.prompt_column, stage.split)
-
+        return rl_dry_run(ctx, stage, optim, rows, rows, 1 + (stage.reference == "ema"))
+    setup = load_policy_setup(ctx, stage)
+    config, params, reference = setup.config, setup.params, setup.reference
     mesh = ctx.mesh
-    params = shard_params(jax.tree.map(jnp.asarray, params), param_logical_axes(config), mesh)
-    reference = jax.tree.map(jnp.copy, params)  # frozen: the training step donates `params`
     extras: dict[str, Any] = {"baseline": jnp.zeros((), jnp.float32)}
     if stage.reference == "ema":
         extras["anchor"] = jax.tree.map(jnp.copy, params)
-    sampling = SamplingConfig(
-        max_new_tokens=stage.max_new_tokens, temperature=1.0, stop_ids=(EOS_ID, END_OF_TURN_ID)
-    )
 
     def reference_of(state):
         return state.extras["anchor"] if stage.reference == "ema" else reference
 
     source = RolloutSource(
         config,
-        tokenizer,
-        prompts,
-        reward,
-        sampling,
+        setup.tokenizer,
+        setup.prompts,
+        setup.reward,
+        setup.sampling,
         stage.prompts_per_step,
         stage.samples_per_prompt,
         reference_of,
@@ -276,14 +225,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         chat=stage.chat,
         chunk_size=stage.chunk_size,
     )
-    curve_path = ctx.run_dir / "bon_curve.json"
-    curve = load_curve(curve_path)
-    if curve is None and stage.bon_pool > 1:
-        curve = reference_pool_curve(
-            source, reference, stage.bon_pool, stage.bon_prompts, stage.seed
-        )
-        if ctx.is_main:
-            save_curve(curve_path, curve)
+    curve = reference_curve(ctx, source, reference, stage)
 
     optimizer = make_optimizer(optim)
     jitted = make_train_step(
@@ -298,24 +240,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         with activation_sharding(mesh):
             return jitted(state, shard_batch(batch, mesh))
 
-    history: dict[str, float] = {}
-
-    def on_step(step: int, metrics: dict[str, float], state) -> None:
-        metrics.update({f"seconds_{k}": v for k, v in source.seconds.items()})
-        metrics["seconds_update"] = metrics["seconds"] - sum(source.seconds.values())
-        history.setdefault("initial_reward", metrics["reward"])
-        history.update(final_reward=metrics["reward"], final_kl_k1=metrics["kl_k1"])
-        if stage.sample_every and step % stage.sample_every == 0:
-            rows = [
-                [str(p), r, float(score)]
-                for p, r, score in zip(
-                    source.last_prompts[:8],
-                    source.last_responses[:8],
-                    np.asarray(source.last_rewards)[:8],
-                    strict=False,
-                )
-            ]
-            ctx.tracker.log_table("train/samples", ["prompt", "response", "reward"], rows, step)
+    on_step = RLStepLog(ctx, source, stage.sample_every, ("reward", "kl_k1"))
 
     result = ctx.train(
         place_on_mesh(init_state(params, optimizer, ctx.cfg.seed, extras), mesh),
@@ -329,22 +254,14 @@ def run(ctx: StageContext) -> dict[str, Any]:
         on_step=on_step,
     )
     metrics: dict[str, Any] = dict(
-        steps=int(result.state.step),
-        steps_run=result.steps_run,
-        interrupted=result.interrupted,
-        resumed_from=result.resumed_from,
-        skipped_nonfinite=result.skipped_nonfinite,
-        **history,
+        **loop_metrics(result),
+        **on_step.history,
     )
     if result.interrupted:
         return ctx.finish(metrics)
-    host_params = gather_to_host(result.state.params)
+    metrics |= ctx.export_policy(config, result.state.params)
     if ctx.is_main:
-        save_hf(config, host_params, ctx.run_dir / "hf")
-        bundle_tokenizer(ctx.run_dir / "hf", tokenizer.model_file)
         draw_reward_vs_kl(ctx, curve, metrics["steps"])
-    metrics["checkpoint"] = str(ctx.run_dir / "hf")
-    metrics["tokenizer"] = str(ctx.run_dir / "hf" / TOKENIZER_FILE)
     return ctx.finish(metrics)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from posttrain.checkpoints import load_hf, save_hf
+from posttrain.checkpoints import load_hf
 from posttrain.data.prompts import read_rows
 from posttrain.data.sft import (
     BatchIterator,
@@ -30,10 +30,8 @@ from posttrain.models import ModelConfig, init_params, param_logical_axes
 from posttrain.sampling import SamplingConfig, sample
 from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
 from posttrain.stages.kit import (
-    TOKENIZER_FILE,
     StageContext,
-    bundle_tokenizer,
-    gather_to_host,
+    loop_metrics,
     settings_from_node,
 )
 from posttrain.stages.registry import register_stage
@@ -146,7 +144,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         config = ctx.checkpoint_config(stage.init_checkpoint)
         return ctx.dry_run_report(config, memory_estimate(config, optim, stage, data, ctx.mesh))
 
-    run_dir = ctx.run_dir
     tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)
     if stage.init_checkpoint:
         config, params = load_hf(stage.init_checkpoint)
@@ -197,11 +194,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     params = result.state.params
     metrics: dict[str, Any] = dict(
-        steps=int(result.state.step),
-        steps_run=result.steps_run,
-        interrupted=result.interrupted,
-        resumed_from=result.resumed_from,
-        skipped_nonfinite=result.skipped_nonfinite,
+        **loop_metrics(result),
         **{f"data_{k}": v for k, v in dataclasses.asdict(stats).items()},
     )
     if result.interrupted:
@@ -227,10 +220,5 @@ def run(ctx: StageContext) -> dict[str, Any]:
         ctx.tracker.log(
             {f"eval/{k}": v for k, v in metrics.items() if isinstance(v, float)}, metrics["steps"]
         )
-    host_params = gather_to_host(params)
-    if ctx.is_main:
-        save_hf(config, host_params, run_dir / "hf")
-        bundle_tokenizer(run_dir / "hf", tokenizer.model_file)
-    metrics["checkpoint"] = str(run_dir / "hf")
-    metrics["tokenizer"] = str(run_dir / "hf" / TOKENIZER_FILE)
+    metrics |= ctx.export_policy(config, params)
     return ctx.finish(metrics)
