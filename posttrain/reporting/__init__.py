@@ -3,13 +3,13 @@
 | file | written by |
 |---|---|
 | `metrics.jsonl` | `MetricsLog(run_dir).write(step, metrics)`, one flushed line per step |
-| `metrics.png` | `plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")` |
+| `metrics.png` | `plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png")`; `plot_counts` where a stage has no steps |
 | `summary.md`, `summary.json` | `write_summary(run_dir, stage, metrics, headline, tables)` |
 | `config.yaml` | `save_resolved_config(run_dir, cfg)`; `short_config(cfg)` for the console |
 """
 
 from posttrain.reporting._metrics_log import METRICS_FILE, MetricsLog, json_value, read_metrics
-from posttrain.reporting._plots import numeric_series, plot_metrics
+from posttrain.reporting._plots import numeric_series, plot_counts, plot_metrics
 from posttrain.reporting._run_config import (
     CONFIG_FILE,
     plain_config,
@@ -35,6 +35,7 @@ __all__ = [
     "markdown_table",
     "numeric_series",
     "plain_config",
+    "plot_counts",
     "plot_metrics",
     "read_metrics",
     "save_resolved_config",

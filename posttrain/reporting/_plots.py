@@ -120,3 +120,29 @@ def plot_metrics(
     image = io.BytesIO()
     figure.savefig(image, format="png", dpi=100)
     return write_atomically(png_path, image.getvalue())
+
+
+def plot_counts(
+    groups: dict[str, dict[str, int | float]], png_path: str | Path, title: str | None = None
+) -> Path:
+    """Horizontal bar charts, one panel per group of counts: what a data stage generated
+    (rows per file, pairs per type), where a stage has no steps to plot."""
+    from matplotlib.figure import Figure
+
+    groups = {name: counts for name, counts in groups.items() if counts}
+    if not groups:
+        raise ValueError("no counts to plot")
+    figure = Figure(figsize=(5.0 * len(groups), 3.4), layout="constrained")
+    axes = figure.subplots(1, len(groups), squeeze=False).ravel()
+    for ax, (name, counts) in zip(axes, groups.items(), strict=True):
+        labels, values = list(counts), [float(v) for v in counts.values()]
+        bars = ax.barh(labels, values, color="C0")
+        ax.bar_label(bars, labels=[f"{v:g}" for v in values], padding=3)
+        ax.invert_yaxis()  # first key on top, as listed
+        ax.set_title(name)
+        ax.set_xlabel("count")
+        ax.grid(alpha=0.3, axis="x")
+    figure.suptitle(title or Path(png_path).resolve().parent.name)
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=100)
+    return write_atomically(Path(png_path), image.getvalue())

@@ -17,6 +17,7 @@ from typing import Any
 
 from posttrain.data.synthetic import bilingual_corpus, reversal_rows
 from posttrain.data.synthetic_preferences import preference_corpus, preference_rows
+from posttrain.reporting import plot_counts
 from posttrain.stages.kit import StageContext
 from posttrain.stages.registry import register_stage
 from posttrain.tokenizer import train_tokenizer
@@ -89,6 +90,17 @@ def run(ctx: StageContext) -> dict[str, Any]:
             eval_pairs=_write_jsonl(out / "eval_pairs.jsonl", held_out_pairs, write),
             preference_pairs=len(pairs),
         )
-    # One line (no steps to plot): what was generated, so every stage directory has the file.
+    # One line (no steps): what was generated, so every stage directory has the file; the plot
+    # shows the counts instead of a curve.
     ctx.metrics_log.write(0, {k: v for k, v in metrics.items() if isinstance(v, int)})
+    if write:
+        types: dict[str, int] = {}
+        for pair in pairs:
+            types[pair["pair_type"]] = types.get(pair["pair_type"], 0) + 1
+        rows = {"train": len(train), "eval": len(evaluation), "preference pairs": len(pairs)}
+        plot_counts(
+            {"rows per file": rows, "training pairs per type": types},
+            out / "metrics.png",
+            f"{ctx.name}: {stage.task} task and preference pairs",
+        )
     return ctx.finish(metrics)
