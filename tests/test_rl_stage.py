@@ -1,11 +1,15 @@
-"""Rollouts and the `reinforce` stage: the sampler and the trainer agree on log-probs, k samples
-share one prefill, the source resumes exactly, and a run resumes bitwise with its EMA anchor,
-moving-average baseline, sampler RNG and prompt position."""
+"""Rollouts and the RL stages: the sampler and the trainer agree on log-probs, k samples share
+one prefill, the source resumes exactly, a reinforce run SIGKILLed mid-run resumes bitwise with
+its EMA anchor, moving-average baseline, sampler RNG and prompt position; BOND's anchors move."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -142,49 +146,76 @@ def _run(policy, stage: str, run_dir: Path, *extra: str) -> dict:
 
 def _reinforce(policy, run_dir: Path, *extra: str) -> dict:
     return _run(
-        policy, "reinforce", run_dir, "stage.samples_per_prompt=2", "stage.save_every=2",
-        "stage.bon_pool=4", "stage.bon_prompts=4", "stage.reference=ema",
-        "stage.baseline=moving_average", "optim.total_steps=6", *extra,
+        policy, "reinforce", run_dir, "stage.samples_per_prompt=2", "stage.save_every=0",
+        "stage.bon_pool=4", "stage.bon_prompts=4", *extra,
     )  # fmt: skip
 
 
 @pytest.mark.slow
-def test_reinforce_stage_logs_plots_and_resumes_bitwise(policy, tmp_path):
-    # Given a 6-step run, and the same run stopped after 3 steps and resumed to 6,
-    from posttrain.cli import _compose, run_stage
-    from posttrain.resume import resume_arguments
-
-    _reinforce(policy, tmp_path / "straight", "stage.steps=6")
-    assert _reinforce(policy, tmp_path / "resumed", "stage.steps=3")["steps"] == 3
-    arguments = resume_arguments(tmp_path / "resumed", ["stage.steps=6"])
-    overrides = [a for a in arguments if not a.startswith("hydra.")]
-    run_stage(_compose(overrides), overrides)
-    # then the resumed policy is bitwise the straight one (EMA anchor, moving-average baseline,
-    # sampler RNG and prompt order all restored),
-    a = (tmp_path / "straight" / "hf" / "model.safetensors").read_bytes()
-    b = (tmp_path / "resumed" / "hf" / "model.safetensors").read_bytes()
-    assert a == b
-    lines = {
-        name: [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").open()]
-        for name in ("straight", "resumed")
-    }
-    keys = ("loss", "reward", "kl_k1", "kl_k3", "sampler_gap", "entropy", "length")
-    for x, y in zip(lines["straight"], lines["resumed"], strict=True):
-        assert all(x[k] == y[k] for k in keys), (x, y)
-    # and every step logged its metrics, with sampler and trainer agreeing.
-    row = lines["straight"][-1]
-    for key in (*keys, "lr", "grad_norm", "seconds_generation", "seconds_scoring",
-                "seconds_reference", "seconds_update"):  # fmt: skip
-        assert key in row, key
-    assert max(r["sampler_gap"] for r in lines["straight"]) < 1e-4
-    assert all(r["kl_k3"] >= 0 for r in lines["straight"])
-    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
-    assert metrics["resumed_from"] == 3 and metrics["steps"] == 6
+def test_reinforce_stage_logs_its_metrics_and_plots(policy, tmp_path):
+    _reinforce(policy, tmp_path / "run", "stage.steps=6")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    for key in ("loss", "reward", "kl_k1", "kl_k3", "sampler_gap", "entropy", "length", "lr",
+                "grad_norm", "seconds_generation", "seconds_scoring", "seconds_reference",
+                "seconds_update"):  # fmt: skip
+        assert key in rows[-1], key
+    # The sampler and the trainer agree; k3 is non-negative term by term.
+    assert max(r["sampler_gap"] for r in rows) < 1e-4
+    assert all(r["kl_k3"] >= 0 for r in rows)
     for name in ("reward_vs_kl.png", "metrics.png", "summary.md", "bon_curve.json"):
-        assert (tmp_path / "straight" / name).exists(), name
-    curve = json.loads((tmp_path / "straight" / "bon_curve.json").read_text())
+        assert (tmp_path / "run" / name).exists(), name
+    curve = json.loads((tmp_path / "run" / "bon_curve.json").read_text())
     assert curve["n"] == [1.0, 2.0, 3.0, 4.0]
     assert curve["reward"] == sorted(curve["reward"])  # E[best of n] grows with n
+
+
+def _reinforce_command(policy, run_dir: Path) -> list[str]:
+    return [
+        str(BIN / "posttrain"), "stage=reinforce", f"run_dir={run_dir}",
+        f"stage.init_checkpoint={policy.root / 'sft'}", f"stage.prompts={policy.root / 'prompts.jsonl'}",
+        "stage.reward=language_match", "stage.prompts_per_step=4", "stage.samples_per_prompt=2",
+        "stage.max_new_tokens=8", "stage.steps=16", "stage.save_every=1", "stage.bon_pool=0",
+        "stage.reference=ema", "stage.baseline=moving_average", "optim.lr=3e-3", "logger=disabled",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_reinforce_resumes_bitwise_after_sigkill(policy, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": ""}
+    # Given an uninterrupted 16-step run (EMA reference, moving-average baseline),
+    straight = subprocess.run(
+        _reinforce_command(policy, tmp_path / "straight"),
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    # when the same run is SIGKILLed once its 4th step's checkpoint exists, and resumed,
+    killed_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        _reinforce_command(policy, killed_dir),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    while not (killed_dir / "checkpoints" / "4").exists():
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and not (killed_dir / "metrics.json").exists()
+    command = [str(BIN / "posttrain"), f"resume={killed_dir}"]
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # then the policy, and every logged step, are bitwise those of the uninterrupted run.
+    metrics = json.loads((killed_dir / "metrics.json").read_text())
+    assert 4 <= metrics["resumed_from"] < 16 and metrics["steps"] == 16
+    a = (tmp_path / "straight" / "hf" / "model.safetensors").read_bytes()
+    assert a == (killed_dir / "hf" / "model.safetensors").read_bytes()
+    lines = [
+        [json.loads(x) for x in (directory / "metrics.jsonl").open()]
+        for directory in (tmp_path / "straight", killed_dir)
+    ]
+    assert [r["step"] for r in lines[1]] == list(range(1, 17))
+    for x, y in zip(*lines, strict=True):
+        assert all(x[k] == y[k] for k in ("loss", "reward", "kl_k1", "grad_norm")), (x, y)
 
 
 def _bond(policy, run_dir: Path, *extra: str) -> dict:
