@@ -301,6 +301,10 @@ class StageContext:
         0) and return its paths as the stage's `checkpoint` and `tokenizer` outputs."""
         from posttrain.checkpoints import save_hf
 
+        if self._tokenizer_file is None:
+            raise RuntimeError(
+                "export_policy: the stage never resolved its tokenizer (ctx.tokenizer)"
+            )
         directory = self.run_dir / "hf"
         host = gather_to_host(params)
         if self.is_main:
