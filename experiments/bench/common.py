@@ -30,6 +30,23 @@ def reuse_host_memory() -> None:
         raise RuntimeError("the host allocator setting did not apply (glibc on Linux only)")
 
 
+def package_versions(names: tuple[str, ...]) -> str:
+    """`name version` of each installed package, comma-separated (a results file's header)."""
+    import importlib.metadata as metadata
+
+    return ", ".join(f"{name} {metadata.version(name)}" for name in names)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (or the platform string)."""
+    import platform
+
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def prepend_results(path: Path, header: str, section: str) -> None:
     """Write `section` under `header` at the top of a results file, keeping earlier runs."""
     previous = path.read_text().removeprefix(header) if path.exists() else ""

@@ -47,7 +47,7 @@ import numpy as np
 
 # Scripts run by path: make `experiments.bench.common` importable from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from experiments.bench.common import prepend_results, reuse_host_memory
+from experiments.bench.common import cpu_name, package_versions, prepend_results, reuse_host_memory
 
 BATCH, LENGTH, WARM, TIMED = 8, 128, 5, 30
 LEARNING_RATE = 1e-5
@@ -258,18 +258,9 @@ def under_load(record: dict[str, Any]) -> bool:
 
 def versions() -> str:
     """The versions of the libraries measured."""
-    import importlib.metadata as metadata
-
-    names = ("jax", "jaxlib", "optax", "torch", "transformers", "trl", "accelerate")
-    return ", ".join(f"{name} {metadata.version(name)}" for name in names)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform string)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return package_versions(
+        ("jax", "jaxlib", "optax", "torch", "transformers", "trl", "accelerate")
+    )
 
 
 def table(results: dict[str, dict[str, dict[str, Any]]]) -> list[str]:

@@ -49,7 +49,7 @@ import numpy as np
 
 # Scripts run by path: make `experiments.bench.common` importable from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from experiments.bench.common import prepend_results, tunix_gemma
+from experiments.bench.common import cpu_name, package_versions, prepend_results, tunix_gemma
 
 SHAPE = "bench_gemma2_4l"
 PROMPTS, SAMPLES, PROMPT_LENGTH, NEW_TOKENS = 4, 4, 32, 64
@@ -331,18 +331,9 @@ def run_side(side: str) -> dict[str, Any]:
 
 def versions() -> str:
     """The versions of the libraries measured."""
-    import importlib.metadata as metadata
-
-    names = ("jax", "jaxlib", "flax", "google-tunix", "torch", "transformers", "trl")
-    return ", ".join(f"{name} {metadata.version(name)}" for name in names)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (or the platform string)."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return package_versions(
+        ("jax", "jaxlib", "flax", "google-tunix", "torch", "transformers", "trl")
+    )
 
 
 def main() -> None:
