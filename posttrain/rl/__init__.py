@@ -1,1 +1,1 @@
-"""Policy optimisation machinery shared by the RL stages: rollouts and their plots."""
+"""Policy optimisation machinery shared by the RL stages: rollouts, setup, training and plots."""

@@ -48,19 +48,15 @@ from posttrain.losses.kl import kl_k1, kl_k3, sequence_log_prob
 from posttrain.losses.log_probs import sequence_token_log_probs
 from posttrain.losses.policy_gradient import leave_one_out_mean
 from posttrain.models import ModelConfig
-from posttrain.rl.progress import RLStepLog
 from posttrain.rl.rollouts import RolloutSource
 from posttrain.rl.setup import load_policy_setup, reference_curve, rl_dry_run
-from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch
+from posttrain.rl.training import train_policy
 from posttrain.stages.kit import (
     StageContext,
-    loop_metrics,
     settings_from_node,
 )
 from posttrain.stages.registry import register_stage
-from posttrain.stages.reinforce import draw_reward_vs_kl
-from posttrain.train.optim import make_optimizer, make_schedule
-from posttrain.train.step import ema_update, init_state, make_train_step
+from posttrain.train.step import ema_update
 
 VARIANTS = ("bond", "jbond")
 
@@ -283,7 +279,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return rl_dry_run(ctx, stage, optim, trained, sampled, 1 + uses_anchor_tree(stage))
     setup = load_policy_setup(ctx, stage)
     config, params, reference = setup.config, setup.params, setup.reference
-    mesh = ctx.mesh
     extras: dict[str, Any] = {"updates": jnp.zeros((), jnp.int32)}
     if uses_anchor_tree(stage):
         extras["anchor"] = jax.tree.map(jnp.copy, params)
@@ -299,36 +294,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )  # fmt: skip
     curve = reference_curve(ctx, source, reference, stage)
 
-    optimizer = make_optimizer(optim)
-    jitted = make_train_step(
-        bond_loss_terms(config, stage), optimizer, update_extras=update_extras_fn(stage)
-    )
-
-    def step_fn(state, batch):
-        with activation_sharding(mesh):
-            return jitted(state, shard_batch(batch, mesh))
-
-    on_step = RLStepLog(ctx, source, stage.sample_every, ("reward", "kl_k1", "win_rate_vs_anchor"))
-
-    result = ctx.train(
-        place_on_mesh(init_state(params, optimizer, ctx.cfg.seed, extras), mesh),
-        step_fn,
-        source,
-        stage.steps,
-        stage.save_every,
-        keep=stage.keep_checkpoints,
-        skip_nonfinite=stage.skip_nonfinite,
-        schedule=make_schedule(optim),
-        on_step=on_step,
-    )
-    metrics: dict[str, Any] = dict(
-        **loop_metrics(result),
-        variant=stage.variant,
-        **on_step.history,
-    )
-    if result.interrupted:
-        return ctx.finish(metrics)
-    metrics |= ctx.export_policy(config, result.state.params)
-    if ctx.is_main:
-        draw_reward_vs_kl(ctx, curve, metrics["steps"])
-    return ctx.finish(metrics)
+    metrics = train_policy(
+        ctx, stage, optim, config, params, extras, source, bond_loss_terms(config, stage),
+        update_extras_fn(stage), curve, ("reward", "kl_k1", "win_rate_vs_anchor"),
+    )  # fmt: skip
+    return ctx.finish(metrics | {"variant": stage.variant})

@@ -41,7 +41,6 @@ __all__ = [
     "check_vocab",
     "export_metadata",
     "gather_to_host",
-    "loop_metrics",
     "resolve_tokenizer",
     "settings_from_node",
 ]
@@ -59,17 +58,6 @@ def settings_from_node(cls: type[_Settings], node: DictConfig | dict, group: str
     from posttrain.config_store import dataclass_from_node
 
     return dataclass_from_node(cls, node, group, lists_as_tuples=False, ignore=("name",))
-
-
-def loop_metrics(result) -> dict[str, Any]:
-    """How a training loop ended, as every training stage reports it."""
-    return dict(
-        steps=int(result.state.step),
-        steps_run=result.steps_run,
-        interrupted=result.interrupted,
-        resumed_from=result.resumed_from,
-        skipped_nonfinite=result.skipped_nonfinite,
-    )
 
 
 def check_vocab(model_vocab: int, tokenizer_vocab: int, model: str, tokenizer: str) -> None:

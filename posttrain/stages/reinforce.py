@@ -25,7 +25,6 @@ and k3, entropy estimate, length, sampler gap, time split), `metrics.png`, `rewa
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -43,15 +42,12 @@ from posttrain.losses.policy_gradient import (
     reinforce_loss,
 )
 from posttrain.models import ModelConfig
-from posttrain.rl.plots import plot_reward_vs_kl
-from posttrain.rl.progress import RLStepLog
 from posttrain.rl.rollouts import RolloutBatch, RolloutSource
 from posttrain.rl.setup import load_policy_setup, reference_curve, rl_dry_run
-from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch
-from posttrain.stages.kit import StageContext, loop_metrics
+from posttrain.rl.training import train_policy
+from posttrain.stages.kit import StageContext
 from posttrain.stages.registry import register_stage
-from posttrain.train.optim import make_optimizer, make_schedule
-from posttrain.train.step import ema_update, init_state, make_train_step
+from posttrain.train.step import ema_update
 
 REFERENCES = ("sft", "ema")
 
@@ -204,7 +200,6 @@ def run(ctx: StageContext) -> dict[str, Any]:
         return rl_dry_run(ctx, stage, optim, rows, rows, 1 + (stage.reference == "ema"))
     setup = load_policy_setup(ctx, stage)
     config, params, reference = setup.config, setup.params, setup.reference
-    mesh = ctx.mesh
     extras: dict[str, Any] = {"baseline": jnp.zeros((), jnp.float32)}
     if stage.reference == "ema":
         extras["anchor"] = jax.tree.map(jnp.copy, params)
@@ -227,56 +222,9 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     curve = reference_curve(ctx, source, reference, stage)
 
-    optimizer = make_optimizer(optim)
-    jitted = make_train_step(
-        reinforce_loss_terms(config, stage),
-        optimizer,
-        stage.micro_batches,
+    metrics = train_policy(
+        ctx, stage, optim, config, params, extras, source, reinforce_loss_terms(config, stage),
+        update_extras_fn(stage), curve, ("reward", "kl_k1"), stage.micro_batches,
         uses_extras=True,
-        update_extras=update_extras_fn(stage),
-    )
-
-    def step_fn(state, batch):
-        with activation_sharding(mesh):
-            return jitted(state, shard_batch(batch, mesh))
-
-    on_step = RLStepLog(ctx, source, stage.sample_every, ("reward", "kl_k1"))
-
-    result = ctx.train(
-        place_on_mesh(init_state(params, optimizer, ctx.cfg.seed, extras), mesh),
-        step_fn,
-        source,
-        stage.steps,
-        stage.save_every,
-        keep=stage.keep_checkpoints,
-        skip_nonfinite=stage.skip_nonfinite,
-        schedule=make_schedule(optim),
-        on_step=on_step,
-    )
-    metrics: dict[str, Any] = dict(
-        **loop_metrics(result),
-        **on_step.history,
-    )
-    if result.interrupted:
-        return ctx.finish(metrics)
-    metrics |= ctx.export_policy(config, result.state.params)
-    if ctx.is_main:
-        draw_reward_vs_kl(ctx, curve, metrics["steps"])
+    )  # fmt: skip
     return ctx.finish(metrics)
-
-
-def draw_reward_vs_kl(ctx: StageContext, curve: dict | None, step: int) -> Path | None:
-    """`reward_vs_kl.png` from the run's metrics.jsonl, logged to wandb."""
-    from posttrain.reporting import read_metrics
-
-    jsonl = ctx.run_dir / "metrics.jsonl"
-    if not jsonl.exists():
-        return None
-    png = plot_reward_vs_kl(
-        read_metrics(jsonl),
-        ctx.run_dir / "reward_vs_kl.png",
-        curve,
-        title=f"{ctx.name}: reward vs KL",
-    )
-    ctx.tracker.log_image("reward_vs_kl", png, step)
-    return png

@@ -31,7 +31,6 @@ from posttrain.sampling import SamplingConfig, sample
 from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
 from posttrain.stages.kit import (
     StageContext,
-    loop_metrics,
     settings_from_node,
 )
 from posttrain.stages.registry import register_stage
@@ -194,7 +193,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     )
     params = result.state.params
     metrics: dict[str, Any] = dict(
-        **loop_metrics(result),
+        **result.summary(),
         **{f"data_{k}": v for k, v in dataclasses.asdict(stats).items()},
     )
     if result.interrupted:

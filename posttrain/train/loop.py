@@ -59,6 +59,16 @@ class LoopResult:
     interrupted: bool  # stopped by SIGTERM/SIGINT after saving
     resumed_from: int | None
 
+    def summary(self) -> dict[str, Any]:
+        """How the loop ended, as every training stage reports it."""
+        return dict(
+            steps=int(self.state.step),
+            steps_run=self.steps_run,
+            interrupted=self.interrupted,
+            resumed_from=self.resumed_from,
+            skipped_nonfinite=self.skipped_nonfinite,
+        )
+
 
 class _StopRequest:
     """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
