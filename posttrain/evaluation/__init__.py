@@ -1,0 +1,1 @@
+"""Evaluation: metrics computed on sampled text (the language-error rate's language ID first)."""
