@@ -1,11 +1,13 @@
 """Rollouts and the RL stages: the sampler and the trainer agree on log-probs, k samples share
-one prefill, the source resumes exactly, a reinforce run SIGKILLed mid-run resumes bitwise with
-its EMA anchor, moving-average baseline, sampler RNG and prompt position; BOND's anchors move."""
+one prefill, the source resumes exactly, a reinforce run SIGKILLed and then SIGTERMed mid-run
+resumes bitwise with its EMA anchor, moving-average baseline, sampler RNG and prompt position,
+and so does one with extra epochs stopped between two passes of a batch; BOND's anchors move."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,10 +25,12 @@ from posttrain.data.synthetic import bilingual_corpus, reversal_rows
 from posttrain.losses.log_probs import sequence_token_log_probs
 from posttrain.models import get_preset, init_params
 from posttrain.rewards.api import RuleReward
-from posttrain.rl.rollouts import RolloutSource
+from posttrain.rl.rollouts import EpochRollouts, RolloutBatch, RolloutSource
 from posttrain.sampling.sampler import SamplingConfig, generate, left_pad
 from posttrain.stages.kit import bundle_tokenizer
+from posttrain.stages.reinforce import ReinforceConfig
 from posttrain.tokenizer import END_OF_TURN_ID, EOS_ID, GemmaTokenizer, train_tokenizer
+from posttrain.train.step import TrainState
 
 BIN = Path(sys.executable).parent
 
@@ -131,6 +135,53 @@ def test_rollout_source_position_resumes_exactly(policy):
         _source(policy, seed=4).restore(saved)
 
 
+class _CountingSource:
+    """Batches of 2 rows x 4 tokens whose rewards count the draws."""
+
+    p, k, prompt_width, sampling = 1, 2, 2, SamplingConfig(max_new_tokens=2)
+
+    def __init__(self):
+        self.draws, self.seconds = 0, {}
+
+    def next_batch(self, state):
+        self.draws += 1
+        zeros = np.zeros((2, 3), np.float32)
+        return RolloutBatch(np.zeros((2, 4), np.int32), np.ones((2, 4), np.int32),
+                            np.ones((2, 3), bool), np.full(2, self.draws, np.float32), zeros,
+                            zeros, np.full(2, 3, np.int32))  # fmt: skip
+
+    def token_log_probs(self, params, rows):
+        return np.full((2, 3), -1.0, np.float32)
+
+
+def test_epoch_rollouts_serve_each_batch_epochs_times_and_drop_a_failed_one():
+    source = _CountingSource()
+    rollouts = EpochRollouts(source, epochs=3)
+    state = TrainState(None, None, 0, None, rollouts.initial_extras())
+    served = []
+    for step in (0, 1, 2, 3, 4, 4, 5):  # step 4 is asked for twice: its first try was not finite
+        state = state._replace(step=step)
+        batch = rollouts.next_batch(state)
+        state = rollouts.carry(state, batch)
+        served.append((int(batch.rewards[0]), int(state.extras["pass"])))
+    assert served == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (3, 0), (3, 1)]
+    assert (batch.behaviour_log_probs == -1).all() and source.seconds["generation"] == 0.0
+    # The kept batch has the template's shapes and dtypes (what a checkpoint restores into).
+    template = rollouts.initial_extras()["rollout"]
+    for name, value in state.extras["rollout"].items():
+        assert (value.shape, value.dtype) == (template[name].shape, template[name].dtype), name
+
+
+def test_bad_epoch_settings_are_refused():
+    fields = dict(init_checkpoint="", prompts="", reward="")
+    assert ReinforceConfig(**fields).epochs == 1  # plain on-policy REINFORCE by default
+    for bad, message in (({"epochs": 0}, "stage.epochs must be >= 1"),
+                         ({"clip_epsilon": 0.0}, "stage.clip_epsilon must be > 0"),
+                         ({"epochs": 2, "per_token_kl": True}, "per_token_kl needs stage.epochs=1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            ReinforceConfig(**fields, **bad)
+
+
 def _run(policy, stage: str, run_dir: Path, *extra: str) -> dict:
     """Run an RL stage in this process (compiled steps are shared between the runs)."""
     from posttrain.cli import _compose, run_stage
@@ -156,6 +207,10 @@ def test_reinforce_stage_logs_its_metrics_and_plots(policy, tmp_path):
     _reinforce(policy, tmp_path / "run", "stage.steps=6")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [r["step"] for r in rows] == list(range(1, 7))
+    # epochs=1: on-policy REINFORCE, one new batch per step, no batch kept in the state.
+    assert "clip_fraction" not in rows[-1]
+    state = _checkpoint(tmp_path / "run", 6)
+    assert set(state["extras"]) == {"baseline"} and _position(tmp_path / "run", 6)["draws"] == 6
     for key in ("loss", "reward", "kl_k1", "kl_k3", "sampler_gap", "entropy", "length", "lr",
                 "grad_norm", "seconds_generation", "seconds_scoring", "seconds_reference",
                 "seconds_update"):  # fmt: skip
@@ -170,6 +225,54 @@ def test_reinforce_stage_logs_its_metrics_and_plots(policy, tmp_path):
     assert curve["reward"] == sorted(curve["reward"])  # E[best of n] grows with n
 
 
+def _checkpoint(run_dir: Path, step: int) -> dict:
+    """The train state of a checkpoint, as saved (no template)."""
+    import orbax.checkpoint as ocp
+
+    return ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+
+
+def _position(run_dir: Path, step: int) -> dict:
+    return json.loads((run_dir / "checkpoints" / str(step) / "data" / "metadata").read_text())
+
+
+@pytest.mark.slow
+def test_extra_epochs_resume_bitwise_between_two_passes_of_a_batch(policy, tmp_path):
+    options = ("stage.steps=6", "stage.epochs=2", "stage.save_every=3", "stage.keep_checkpoints=5",
+               "stage.bon_pool=0", "stage.reference=ema", "stage.baseline=moving_average")  # fmt: skip
+    # Given an uninterrupted run of 6 optimizer steps on 3 batches (2 passes each),
+    straight = tmp_path / "straight"
+    _reinforce(policy, straight, *options)
+    rows = [json.loads(x) for x in (straight / "metrics.jsonl").open()]
+    # each batch served twice: the batch's numbers repeat, the second pass is off-policy,
+    for first, second in zip(rows[::2], rows[1::2], strict=True):
+        assert all(first[k] == second[k] for k in ("reward", "kl_k1", "length", "sampler_gap"))
+        assert first["clip_fraction"] == 0 and abs(first["ratio_mean"] - 1) < 1e-4
+        assert 0 <= second["clip_fraction"] <= 1 and second["ratio_mean"] != first["ratio_mean"]
+    assert _position(straight, 6)["draws"] == 3 and _position(straight, 3)["draws"] == 2
+    # when a run is killed between the two passes of its 2nd batch: it leaves what the straight
+    # run had after step 3, its checkpoint and log lines (copied: the runs are deterministic),
+    killed = tmp_path / "killed"
+    shutil.copytree(straight, killed)
+    for finished in ("hf", "checkpoints/6"):
+        shutil.rmtree(killed / finished)
+    (killed / "metrics.json").unlink()
+    lines = (straight / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (killed / "metrics.jsonl").write_text("".join(lines[:3]))
+    metrics = _reinforce(policy, killed, *options)
+    # then the resumed run takes the kept batch for its 2nd pass, and ends bitwise the same:
+    assert metrics["resumed_from"] == 3 and metrics["steps"] == 6
+    resumed = [json.loads(x) for x in (killed / "metrics.jsonl").open()]
+    keys = ("loss", "grad_norm", "reward", "kl_k1", "clip_fraction", "ratio_mean")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in rows]
+    a = (straight / "hf" / "model.safetensors").read_bytes()
+    assert a == (killed / "hf" / "model.safetensors").read_bytes()
+    expected, got = _checkpoint(straight, 6), _checkpoint(killed, 6)
+    assert jax.tree.structure(expected) == jax.tree.structure(got)
+    for x, y in zip(jax.tree.leaves(expected), jax.tree.leaves(got), strict=True):
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
 def _reinforce_command(policy, run_dir: Path) -> list[str]:
     return [
         str(BIN / "posttrain"), "stage=reinforce", f"run_dir={run_dir}",
@@ -180,8 +283,14 @@ def _reinforce_command(policy, run_dir: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _logged_steps(run_dir: Path) -> list[int]:
+    """The steps of the complete lines of a run's metrics.jsonl (one may be half written)."""
+    lines = (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]
+    return [json.loads(line)["step"] for line in lines]
+
+
 @pytest.mark.slow
-def test_reinforce_resumes_bitwise_after_sigkill(policy, tmp_path):
+def test_reinforce_resumes_bitwise_after_sigkill_and_after_sigterm(policy, tmp_path):
     env = {**os.environ, "XLA_FLAGS": ""}
     # Given an uninterrupted 16-step run (EMA reference, moving-average baseline),
     straight = subprocess.run(
@@ -189,7 +298,7 @@ def test_reinforce_resumes_bitwise_after_sigkill(policy, tmp_path):
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert straight.returncode == 0, straight.stderr[-3000:]
-    # when the same run is SIGKILLed once its 4th step's checkpoint exists, and resumed,
+    # when the same run is SIGKILLed once its 4th step's checkpoint exists,
     killed_dir = tmp_path / "killed"
     process = subprocess.Popen(
         _reinforce_command(policy, killed_dir),
@@ -201,12 +310,31 @@ def test_reinforce_resumes_bitwise_after_sigkill(policy, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL and not (killed_dir / "metrics.json").exists()
+    # resumed (now saving only when it stops) and SIGTERMed once it has logged a step of its own,
+    before = max(_logged_steps(killed_dir))
     command = [str(BIN / "posttrain"), f"resume={killed_dir}"]
+    process = subprocess.Popen(
+        [*command, "stage.save_every=1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    while max(_logged_steps(killed_dir), default=0) <= before:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    # it saves that step's checkpoint, says how to resume and exits cleanly, unfinished;
+    assert process.returncode == 0, err[-3000:]
+    assert f"posttrain resume={killed_dir}" in out
+    stopped = json.loads((killed_dir / "interrupted.json").read_text())
+    assert stopped["interrupted"] and not (killed_dir / "metrics.json").exists()
+    assert 4 <= stopped["resumed_from"] < before < stopped["steps"] < 16
+    saved = [int(p.name) for p in (killed_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert max(saved) == stopped["steps"]
     resumed = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    # then the policy, and every logged step, are bitwise those of the uninterrupted run.
+    # then, resumed once more, the policy and every logged step are those of the unbroken run.
     metrics = json.loads((killed_dir / "metrics.json").read_text())
-    assert 4 <= metrics["resumed_from"] < 16 and metrics["steps"] == 16
+    assert metrics["resumed_from"] == stopped["steps"] and metrics["steps"] == 16
     a = (tmp_path / "straight" / "hf" / "model.safetensors").read_bytes()
     assert a == (killed_dir / "hf" / "model.safetensors").read_bytes()
     lines = [

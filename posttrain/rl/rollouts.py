@@ -15,6 +15,9 @@ temperature / top-k / top-p. The estimators of `posttrain.losses` need the log-p
 policy that drew the samples, so the RL stages sample at temperature 1 without truncation by
 default, where the two coincide; `sampler_log_probs` holds the sampler's model log-probs and
 `sampler_gap` in the stage's metrics reports their distance to the training forward's.
+
+`EpochRollouts` uses each drawn batch for several optimizer steps (off-policy epochs) and keeps
+the batch in the train state, so that a run resumed between two passes goes on with it.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class RolloutBatch(NamedTuple):
     reference_log_probs: np.ndarray  # [b, T-1] float32 under the reference (0 off the mask)
     sampler_log_probs: np.ndarray  # [b, T-1] the sampler's model log-probs, aligned the same way
     lengths: np.ndarray  # [b] response tokens, the stop token included
+    # [b, T-1] π_old's log-probs by the training forward, 0 off the mask (EpochRollouts only)
+    behaviour_log_probs: np.ndarray | None = None
 
 
 class RolloutSource:
@@ -177,6 +182,77 @@ class RolloutSource:
         reference = self.token_log_probs(self.reference(state), rows)
         self.seconds["generation"] = total - self.seconds["scoring"]
         return RolloutBatch(reference_log_probs=reference, **rows)
+
+
+class EpochRollouts:
+    """An on-policy source that uses each batch of `source` for `epochs` optimizer steps.
+
+    The batch in use and the index of the pass made on it live in the train state's extras
+    (`rollout`, `pass`), which every checkpoint holds, and `carry` puts them there before each
+    step. So a run resumed between two passes goes on with the batch it had, instead of drawing
+    a new one from the changed policy, and the source's position (advanced once per draw) is
+    the drawing step's. Each new batch gets `behaviour_log_probs`, π_old of a clipped ratio:
+    the drawing policy's log-probs by the training forward, not the sampler's, because a
+    sequence ratio sums the per-token sampler gap. A step that was not finite (the loop asks
+    again for the same step) drops the rest of its batch: its passes would repeat the same
+    numbers. Everything else (prompts, seconds, last samples) is the drawing source's.
+    """
+
+    def __init__(self, source: RolloutSource, epochs: int) -> None:
+        self.source, self.epochs = source, epochs
+        self._served: int | None = None  # the step of the last batch handed out
+        self._fresh = False  # whether that batch was drawn for it
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "source":  # not set yet (copying, unpickling)
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def initial_extras(self) -> dict[str, Any]:
+        """The extras' `rollout` (zeros of the run's shapes: the checkpoint's template) and
+        `pass` (all passes on it made, so the first step draws)."""
+        rows = self.source.p * self.source.k
+        width = self.source.prompt_width + self.source.sampling.max_new_tokens
+        per_target = np.zeros((rows, width - 1), np.float32)
+        rollout = RolloutBatch(
+            tokens=np.zeros((rows, width), np.int32),
+            segments=np.zeros((rows, width), np.int32),
+            response_mask=np.zeros((rows, width - 1), bool),
+            rewards=np.zeros(rows, np.float32),
+            reference_log_probs=per_target,
+            sampler_log_probs=per_target,
+            lengths=np.zeros(rows, np.int32),
+            behaviour_log_probs=per_target,
+        )
+        return {"rollout": rollout._asdict(), "pass": np.int32(self.epochs - 1)}
+
+    def state(self) -> dict[str, int]:
+        """The drawing source's position."""
+        return self.source.state()
+
+    def restore(self, position: dict[str, int]) -> None:
+        """Continue the drawing source from a stored position."""
+        self.source.restore(position)
+
+    def next_batch(self, state: Any) -> RolloutBatch:
+        """The state's batch again while it has passes left, else new rollouts with π_old."""
+        step = int(state.step)
+        retried = step == self._served
+        self._served = step
+        self._fresh = retried or int(state.extras["pass"]) + 1 >= self.epochs
+        if not self._fresh:
+            self.source.seconds = dict.fromkeys(("generation", "scoring", "reference"), 0.0)
+            return RolloutBatch(**jax.device_get(state.extras["rollout"]))
+        batch = self.source.next_batch(state)
+        behaviour = self.source.token_log_probs(state.params, batch._asdict())
+        return batch._replace(behaviour_log_probs=behaviour)
+
+    def carry(self, state: Any, batch: RolloutBatch) -> Any:
+        """`state` with the batch of its next step and that step's pass index in the extras
+        (host arrays: the caller places them)."""
+        index = 0 if self._fresh else int(state.extras["pass"]) + 1
+        extras = {**state.extras, "rollout": batch._asdict(), "pass": np.int32(index)}
+        return state._replace(extras=extras)
 
 
 def training_rows(

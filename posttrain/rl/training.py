@@ -28,9 +28,14 @@ def train_policy(
     headline: Sequence[str],
     micro_batches: int = 1,
     uses_extras: bool = False,
+    carry: Callable[[Any, Any], Any] | None = None,
 ) -> dict[str, Any]:
     """Run the loop on the on-policy `source`; the stage's metrics (loop, first and last values
-    of `headline`), with `hf/` exported and `reward_vs_kl.png` drawn unless interrupted."""
+    of `headline`), with `hf/` exported and `reward_vs_kl.png` drawn unless interrupted.
+
+    `carry(state, batch) -> state` runs before each step, outside the compiled step: what it
+    adds to the state (host arrays, placed replicated) is checkpointed with it
+    (`EpochRollouts.carry`: the batch its later passes reuse)."""
     mesh = ctx.mesh
     optimizer = make_optimizer(optim)
     jitted = make_train_step(
@@ -38,6 +43,8 @@ def train_policy(
     )
 
     def step_fn(state, batch):
+        if carry is not None:
+            state = place_on_mesh(carry(state, batch), mesh)
         with activation_sharding(mesh):
             return jitted(state, shard_batch(batch, mesh))
 

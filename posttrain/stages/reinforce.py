@@ -13,6 +13,19 @@ with a baseline b by name: `rloo` (leave-one-out over a prompt's k samples, the 
 same expected gradient, lower variance. The reference is the frozen SFT tree, or with
 `reference=ema` an EMA of the policy (WARP's anchor, rate μ = `ema_rate`) carried in the state.
 
+`epochs=E > 1` makes E optimizer steps (each one trainer step) on every drawn batch, with the
+clipped sequence ratio of TRL RLOO (algorithms.md §5.2) on every pass, the first included:
+
+    ρ_i = π(y_i)/π_old(y_i),   loss = −(1/(p·k)) Σ min(ρ_i·A_i, clip(ρ_i, 1−ε, 1+ε)·A_i)
+
+π_old is the policy that drew the batch (`EpochRollouts`), and the KL in the reward is π_old's,
+so a batch's advantages are the same on all its passes (the moving-average baseline moves once
+per batch, after its last pass, so that it never depends on the batch it baselines). On the
+first pass π = π_old, ρ = 1 inside the band, and the gradient −A·∇ρ = −A·∇log π is plain
+REINFORCE's; one loss for all passes means one compiled step. `clip_fraction` (rows whose
+ratio left the band on the side their advantage pushes, so they have no gradient) and
+`ratio_mean` are logged; reward, KL, entropy and sampler gap are then those of π_old's batch.
+
 The estimator is on-policy for the model's own distribution: samples are drawn at temperature 1
 without top-k/top-p, so the log-probs the loss differentiates are those of the policy that drew
 them; `sampler_gap` (mean |sampler − trainer| token log-prob) is logged every step.
@@ -35,6 +48,7 @@ from posttrain.losses.kl import kl_k1, kl_k3, sequence_log_prob
 from posttrain.losses.log_probs import sequence_token_log_probs
 from posttrain.losses.policy_gradient import (
     BASELINES,
+    clipped_ratio_loss,
     compute_advantages,
     kl_reward_to_go,
     kl_shaped_reward,
@@ -42,7 +56,7 @@ from posttrain.losses.policy_gradient import (
     reinforce_loss,
 )
 from posttrain.models import ModelConfig
-from posttrain.rl.rollouts import RolloutBatch, RolloutSource
+from posttrain.rl.rollouts import EpochRollouts, RolloutBatch, RolloutSource
 from posttrain.rl.setup import load_policy_setup, reference_curve, rl_dry_run
 from posttrain.rl.training import train_policy
 from posttrain.stages.kit import StageContext
@@ -86,9 +100,11 @@ class ReinforceConfig:
     chunk_size: int = 8192
     skip_nonfinite: bool = False
     seed: int = 0
+    epochs: int = 1  # E optimizer steps per drawn batch (1: plain on-policy REINFORCE)
+    clip_epsilon: float = 0.2  # ε of clip(ρ, 1−ε, 1+ε) when epochs > 1 (TRL RLOO's default)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batches"):
+        for name in ("steps", "prompts_per_step", "samples_per_prompt", "micro_batches", "epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
         if self.baseline not in BASELINES:
@@ -110,6 +126,13 @@ class ReinforceConfig:
             raise ValueError(
                 "stage.per_token_kl needs a subtractive baseline, not group_normalized"
             )
+        if not self.clip_epsilon > 0:
+            raise ValueError(f"stage.clip_epsilon must be > 0, got {self.clip_epsilon}")
+        if self.epochs > 1 and self.per_token_kl:
+            raise ValueError(
+                "stage.per_token_kl needs stage.epochs=1: the clipped ratio of extra epochs is "
+                "per sequence, and per-token credit would need a per-token ratio"
+            )
         if self.temperature != 1.0 or self.top_k or self.top_p != 1.0:
             raise ValueError(
                 "stage.temperature/top_k/top_p: REINFORCE here is on-policy for the model itself, "
@@ -120,7 +143,7 @@ class ReinforceConfig:
 
 def reinforce_loss_terms(config: ModelConfig, stage: ReinforceConfig):
     """(params, rollouts, extras) -> (summed loss, rows, summed metrics) of REINFORCE + KL."""
-    k = stage.samples_per_prompt
+    k, replayed = stage.samples_per_prompt, stage.epochs > 1
 
     def loss_terms(params, batch: RolloutBatch, extras):
         tokens, mask = batch.tokens, batch.response_mask
@@ -128,10 +151,16 @@ def reinforce_loss_terms(config: ModelConfig, stage: ReinforceConfig):
             config, params, tokens[:, :-1], tokens[:, 1:], batch.segments[:, :-1], stage.chunk_size
         )
         policy_seq = sequence_log_prob(policy_tok, mask)
+        # The policy that drew the batch: the one trained (on-policy), or π_old with epochs.
+        if replayed:
+            drawn_tok = batch.behaviour_log_probs
+            drawn_seq = sequence_log_prob(drawn_tok, mask)
+        else:
+            drawn_tok, drawn_seq = jax.lax.stop_gradient(policy_tok), policy_seq
         reference_seq = sequence_log_prob(batch.reference_log_probs, mask)
         lengths = batch.lengths.astype(jnp.float32)
         shaped = kl_shaped_reward(
-            batch.rewards, policy_seq, reference_seq, stage.beta, lengths, stage.length_penalty
+            batch.rewards, drawn_seq, reference_seq, stage.beta, lengths, stage.length_penalty
         )
         options = {"decay": stage.baseline_decay} if stage.baseline == "moving_average" else {}
         advantages, _ = compute_advantages(
@@ -143,21 +172,29 @@ def reinforce_loss_terms(config: ModelConfig, stage: ReinforceConfig):
             to_go = kl_reward_to_go(base, policy_tok, batch.reference_log_probs, mask, stage.beta)
             offset = (shaped - advantages.reshape(-1))[:, None]
             losses = per_token_reinforce_loss(policy_tok, mask, to_go - offset)
+        elif replayed:
+            losses = clipped_ratio_loss(policy_tok, drawn_tok, mask, advantages, stage.clip_epsilon)
         else:
             losses = reinforce_loss(policy_tok, mask, advantages)
-        frozen_tok = jax.lax.stop_gradient(policy_tok)
         tokens_per_row = jnp.maximum(jnp.sum(mask, axis=1), 1)
-        gap = jnp.sum(jnp.abs(batch.sampler_log_probs - frozen_tok) * mask, axis=1)
+        gap = jnp.sum(jnp.abs(batch.sampler_log_probs - drawn_tok) * mask, axis=1)
         metrics = {
             "reward": jnp.sum(batch.rewards),
             "shaped_reward": jnp.sum(shaped),
-            "kl_k1": jnp.sum(kl_k1(frozen_tok, batch.reference_log_probs, mask)),
-            "kl_k3": jnp.sum(kl_k3(frozen_tok, batch.reference_log_probs, mask)),
+            "kl_k1": jnp.sum(kl_k1(drawn_tok, batch.reference_log_probs, mask)),
+            "kl_k3": jnp.sum(kl_k3(drawn_tok, batch.reference_log_probs, mask)),
             # Mean NLL of the sampled tokens: an estimate of the per-token entropy at T = 1.
-            "entropy": jnp.sum(-jax.lax.stop_gradient(policy_seq) / tokens_per_row),
+            "entropy": jnp.sum(-jax.lax.stop_gradient(drawn_seq) / tokens_per_row),
             "length": jnp.sum(lengths),
             "sampler_gap": jnp.sum(gap / tokens_per_row),
         }
+        if replayed:
+            ratio = jnp.exp(jax.lax.stop_gradient(policy_seq) - drawn_seq)
+            a = advantages.reshape(-1)
+            eps = stage.clip_epsilon
+            clipped = ((ratio > 1 + eps) & (a > 0)) | ((ratio < 1 - eps) & (a < 0))
+            metrics["clip_fraction"] = jnp.sum(clipped.astype(jnp.float32))
+            metrics["ratio_mean"] = jnp.sum(ratio)
         return jnp.sum(losses), jnp.float32(tokens.shape[0]), metrics
 
     return loss_terms
@@ -173,6 +210,9 @@ def update_extras_fn(stage: ReinforceConfig):
         if stage.baseline == "moving_average":
             decay = stage.baseline_decay
             out["baseline"] = decay * extras["baseline"] + (1 - decay) * aux["shaped_reward"]
+            if stage.epochs > 1:  # once per batch, after its last pass (passes count from 0)
+                last = extras["pass"] == stage.epochs - 1
+                out["baseline"] = jnp.where(last, out["baseline"], extras["baseline"])
         return out
 
     return update
@@ -221,10 +261,15 @@ def run(ctx: StageContext) -> dict[str, Any]:
         chunk_size=stage.chunk_size,
     )
     curve = reference_curve(ctx, source, reference, stage)
+    batches, carry = source, None
+    if stage.epochs > 1:
+        batches = EpochRollouts(source, stage.epochs)
+        extras |= batches.initial_extras()
+        carry = batches.carry
 
     metrics = train_policy(
-        ctx, stage, optim, config, params, extras, source, reinforce_loss_terms(config, stage),
+        ctx, stage, optim, config, params, extras, batches, reinforce_loss_terms(config, stage),
         update_extras_fn(stage), curve, ("reward", "kl_k1"), stage.micro_batches,
-        uses_extras=True,
+        uses_extras=True, carry=carry,
     )  # fmt: skip
     return ctx.finish(metrics)
