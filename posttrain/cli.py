@@ -36,6 +36,7 @@ log = logging.getLogger("posttrain")
 # A recipe's `stage.*` overrides, taken off the command line before Hydra composes (the
 # default stage's schema would reject keys of the recipe's stages).
 _RECIPE_STAGE_OVERRIDES: list[str] = []
+_RECIPE_PARAMS: list[str] = []  # `params.<name>=VALUE` arguments of a recipe run
 
 
 class OverrideError(ValueError):
@@ -116,10 +117,12 @@ def prepare_arguments(arguments: list[str]) -> list[str]:
         pairs = {p[0]: p[1] for p in map(_key_value, arguments) if p}
     multirun = "-m" in arguments or "--multirun" in arguments
     if pairs.get("recipe"):
-        from posttrain.pipeline import load_recipe, stage_keys
+        from posttrain.pipeline import load_recipe, recipe_params, stage_keys
 
         stage_overrides = [a for a in arguments if override_key(a).startswith("stage.")]
-        arguments = [a for a in arguments if a not in stage_overrides]
+        params = [a for a in arguments if override_key(a).startswith("params.")]
+        arguments = [a for a in arguments if a not in stage_overrides and a not in params]
+        _RECIPE_PARAMS[:] = params
         recipe = load_recipe(pairs["recipe"])
         types = sorted({stage["type"] for stage in recipe["stages"]})
         for override in stage_overrides:
@@ -132,6 +135,9 @@ def prepare_arguments(arguments: list[str]) -> list[str]:
                     f"{key} is not a key of any stage of {pairs['recipe']} ({types}){hint}"
                 )
         _RECIPE_STAGE_OVERRIDES[:] = stage_overrides
+        # Required params are checked before Hydra starts: a clean error, no traceback.
+        dry_run = str(pairs.get("dry_run", "false")).lower() == "true"
+        recipe_params(recipe, params, dry_run)
     plain = [a for a in arguments if not a.startswith("-")]
     cfg = _compose(_group_choices(plain))
     stage = cfg.stage.name
@@ -177,6 +183,8 @@ def run_stage(
         run_dir.mkdir(parents=True, exist_ok=True)
         # metrics.json marks a finished stage (recipes skip it); an interrupted one must resume.
         name = "interrupted.json" if metrics.get("interrupted") else "metrics.json"
+        if cfg.dry_run:  # a report, not a finished stage
+            name = "dry_run.json"
         text = json.dumps(metrics, indent=2, sort_keys=True, ensure_ascii=False)
         (run_dir / name).write_text(text, encoding="utf-8")
         if name == "metrics.json":
@@ -249,6 +257,8 @@ def run_recipe(cfg: DictConfig) -> dict[str, dict[str, Any]]:
         run_stage,
         stage_overrides=list(_RECIPE_STAGE_OVERRIDES),
         redo=[redo] if isinstance(redo, str) else list(redo),
+        params=list(_RECIPE_PARAMS),
+        dry_run=bool(cfg.dry_run),
         command=f"posttrain recipe={cfg.recipe} pipeline_dir={pipeline_dir}",
     )
 

@@ -21,7 +21,16 @@ import yaml
 OVERRIDES_FILE = "overrides.yaml"
 CONFIG_FILE = "config.yaml"
 # Keys that differ between any two launches and say nothing about the run's numbers.
-IGNORED = ("run_dir", "resume", "force_resume", "force_memory", "dry_run", "recipe", "redo")
+IGNORED = (
+    "run_dir",
+    "resume",
+    "force_resume",
+    "force_memory",
+    "dry_run",
+    "recipe",
+    "redo",
+    "device_memory_gib",
+)
 # Keys a stage derives and saves: a random model takes its tokenizer's vocabulary (and a change
 # of tokenizer is caught by its own key and by the tokenizer check).
 DERIVED = ("model.vocab_size",)

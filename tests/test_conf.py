@@ -136,6 +136,7 @@ def _defaults(cls) -> dict:
         ("sft", "posttrain.stages.sft", "SFTConfig"),
         ("reward", "posttrain.stages.reward", "RewardConfig"),
         ("synthetic", "posttrain.stages.synthetic", "SyntheticConfig"),
+        ("evaluate", "posttrain.stages.evaluate", "EvaluateConfig"),
     ],
 )
 def test_stage_yaml_is_its_dataclass(stage, module, cls):
@@ -147,7 +148,8 @@ def test_stage_yaml_is_its_dataclass(stage, module, cls):
     values = _stage_yaml(stage)
     assert set(values) == {f.name for f in dataclasses.fields(config_class)}
     for key, default in _defaults(config_class).items():
-        assert values[key] == default, key
+        # A YAML list is the dataclass's tuple (frozen settings hold tuples).
+        assert values[key] == (list(default) if isinstance(default, tuple) else default), key
     required = {f.name for f in dataclasses.fields(config_class)} - set(_defaults(config_class))
     assert all(values[key] == "???" for key in required)
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 from posttrain.checkpoints.huggingface import CheckpointError, load_hf, save_hf
 from posttrain.checkpoints.official import load_official, save_official
+from posttrain.models.config import ModelConfig
 from posttrain.models.model import Model
 
 
@@ -13,12 +14,25 @@ def load_hf_model(directory: str | Path, dtype: str | None = None) -> Model:
     return Model(config, params)
 
 
+def load_policy(path: str | Path, config: ModelConfig):
+    """(config, params) of a Hugging Face directory (its config.json rules), or of an official
+    Orbax checkpoint (which has no config: `config`, the `model=` preset, gives its shape)."""
+    if (Path(path) / "config.json").exists():
+        return load_hf(path)
+    if not Path(path).is_dir():
+        raise CheckpointError(
+            f"{path}: neither a Hugging Face directory (config.json) nor an Orbax checkpoint"
+        )
+    return load_official(path, config)
+
+
 __all__ = [
     "CheckpointError",
     "Model",
     "load_hf",
     "load_hf_model",
     "load_official",
+    "load_policy",
     "save_hf",
     "save_official",
 ]

@@ -162,31 +162,36 @@ def script_counts(text: str) -> ScriptCounts:
 
 
 @functools.cache
-def _identifier() -> LanguageIdentifier:
-    # Loaded on first use and once per process: loading is the slow part. Our own instance:
-    # set_languages on py3langid's module-level identifier would change it for every other user.
+def _identifier(languages: tuple[str, ...] = LANGUAGES) -> LanguageIdentifier:
+    # Loaded on first use and once per process (per label set): loading is the slow part. Our
+    # own instance: set_languages on py3langid's module-level one would change it for others.
     identifier = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=False)
-    identifier.set_languages(LANGUAGES)
+    unknown = sorted(set(languages) - set(identifier.nb_classes))
+    if unknown:
+        raise ValueError(f"languages {unknown} are not among py3langid's labels")
+    identifier.set_languages(languages)
     return identifier
 
 
-def _statistical(text: str, counts: ScriptCounts) -> str:
+def _statistical(text: str, counts: ScriptCounts, languages: tuple[str, ...]) -> str:
     # Kanji names in English prose: their multi-byte n-grams would outvote the English words.
     if counts.han and counts.latin >= counts.han and _CHINESE_FUNCTION_CHARS.isdisjoint(text):
         text = "".join(c for c in text if not _is_han(ord(c)))
-    label, score = _identifier().classify(text)
+    label, score = _identifier(languages).classify(text)
     return UNDETERMINED if score <= RAW_FLOOR else label  # RAW_FLOOR: no n-gram matched
 
 
-def identify(text: str) -> str:
-    """The language of text as an ISO 639-1 code ("ja", "en", "zh", "ko", ...) or "und"."""
+def identify(text: str, languages: Sequence[str] | None = None) -> str:
+    """The language of text as an ISO 639-1 code ("ja", "en", "zh", "ko", ...) or "und";
+    `languages` limits the statistical model's choice (a study of known languages: short
+    English replies otherwise land on Tagalog or Finnish now and then)."""
     text = clean(text)
     counts = script_counts(text)
     if counts.letters < MIN_LETTERS:
         return UNDETERMINED
     if counts.kana_ratio >= KANA_RATIO:
         return "ja"
-    return _statistical(text, counts)
+    return _statistical(text, counts, LANGUAGES if languages is None else tuple(sorted(languages)))
 
 
 # Names of the languages a prompt may ask for, in the prompt languages we expect.

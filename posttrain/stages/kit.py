@@ -203,6 +203,15 @@ class StageContext:
 
         count = sum(math.prod(s.shape) for s in jax.tree.leaves(abstract_params(config)))
         print(f"[{self.name} dry run] {count / 1e6:.2f}M parameters\n{estimate.table()}")
+        target = self.cfg.get("device_memory_gib")
+        if target is not None and estimate.total > target * 2**30:
+            from posttrain.train.memory import InsufficientMemoryError
+
+            raise InsufficientMemoryError(
+                f"{self.name}: {estimate.total / 2**30:.2f} GiB per device exceeds the target "
+                f"device's {target} GiB (device_memory_gib); largest parts: "
+                + ", ".join(f"{n} {b / 2**30:.2f} GiB" for n, b in estimate.largest())
+            )
         return dict(
             parameters=count,
             devices=int(self.mesh.devices.size),

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from posttrain.checkpoints import load_hf
+from posttrain.checkpoints import load_policy
 from posttrain.data.prompts import read_rows
 from posttrain.data.sft import (
     BatchIterator,
@@ -47,7 +47,9 @@ class SFTConfig:
     micro_batches: int = 1  # gradient accumulation: the batch is split into this many parts
     save_every: int = 50
     keep_checkpoints: int = 3
-    init_checkpoint: str | None = None  # HF directory to start from; None = random init
+    init_checkpoint: str | None = (
+        None  # HF directory or official Orbax checkpoint (shape: `model=`); None = random init
+    )
     skip_nonfinite: bool = False
     eval_batches: int = 4
     exact_match_examples: int = 64  # greedy-decoded held-out prompts (prompt/response data)
@@ -145,7 +147,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     tokenizer = ctx.tokenizer(stage.tokenizer, stage.init_checkpoint)
     if stage.init_checkpoint:
-        config, params = load_hf(stage.init_checkpoint)
+        config, params = load_policy(stage.init_checkpoint, config)
         ctx.check_vocab(config, tokenizer, stage.init_checkpoint)
     else:
         # A random model takes the tokenizer's vocabulary, and the logged config says so.

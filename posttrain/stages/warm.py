@@ -227,6 +227,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
         metrics |= _split_metrics(config, averaged, splits, batch_size, "warm")
     metrics["interrupted"] = False
     metrics["members"] = member_dirs
+    # One member alone: the single reward model a recipe compares the average with.
+    metrics["first_member"] = member_dirs[0]
     metrics["steps"] = steps
     total_steps = stage.members * steps
     ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)}, total_steps)

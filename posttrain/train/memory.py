@@ -320,6 +320,39 @@ def estimate_training_memory(
     )
 
 
+def estimate_inference_memory(
+    config: ModelConfig,
+    batch_size: int,
+    cache_size: int,
+    mesh: MeshConfig | Mesh | AbstractMesh | None = None,
+    *,
+    frozen: Sequence[FrozenTree] = (),
+    rules: Mapping[str, Sequence[str]] = DEFAULT_RULES,
+) -> MemoryEstimate:
+    """Per-device memory of decoding `batch_size` rows with a cache of `cache_size` slots:
+    the parameters, `frozen` trees (e.g. a reference for KL), the cache and one step's logits."""
+    if batch_size <= 0 or cache_size <= 0:
+        raise ValueError(f"batch_size={batch_size} and cache_size={cache_size} must be positive")
+    shape = resolve_mesh(mesh)
+    params, axes = _policy_shapes(config)
+    frozen_bytes = tuple(
+        (entry[0], tree_bytes_per_device(entry[1], axes, shape, rules)) for entry in frozen
+    )
+    rows = batch_rows_per_device(batch_size, shape)
+    sizes = " ".join(f"{a}={s}" for a, s in shape.shape.items())
+    return MemoryEstimate(
+        parameters=tree_bytes_per_device(params, axes, shape, rules),
+        gradients=0,
+        optimizer=0,
+        activations=0,
+        logits=rows * config.vocab_size * 4,
+        kv_cache=kv_cache_bytes(config, rows, cache_size),
+        frozen=frozen_bytes,
+        sharding=f"mesh {sizes}: parameters by their logical axes; cache over the batch "
+        f"(rows per device: {rows})",
+    )
+
+
 def _host_available_bytes() -> tuple[int, str]:
     try:
         with open("/proc/meminfo") as meminfo:
