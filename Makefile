@@ -3,18 +3,27 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint format clean bench-env
+.PHONY: demo test lint format clean bench-env lock
 
-$(BIN)/.installed: pyproject.toml
+# constraints.txt pins every package to the versions experiments/*/results were made with, so a
+# fresh machine months later installs the same set (`make lock` rewrites it from .venv).
+$(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned, so the CPU wheel on this machine's find-links is used, not a CUDA one.
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# The flagship: the tiny Gemma 2 JPN language-error fix (recipes/jpn_language_fix_tiny.yaml),
+# its table printed and experiments/jpn_language_fix/results.md updated for seed $(SEED).
+SEED ?= 0
 demo: $(BIN)/.installed
-	$(BIN)/python -m posttrain.demo
+	$(BIN)/python experiments/jpn_language_fix/run.py --seeds $(SEED)
+
+lock: $(BIN)/.installed
+	# Local version labels (+cpu) dropped: ==2.13.0 matches the CPU wheel and the plain one.
+	$(BIN)/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' > constraints.txt
 
 test: $(BIN)/.installed
 	# Two workers (one per core here); a test file stays on one worker, so its module fixtures

@@ -67,11 +67,13 @@ def test_evaluation_prompts_are_challenging_japanese_with_answers():
 def test_preference_mixes():
     plain = language_fix.preference_rows(600, seed=0, mix=language_fix.PLAIN_PAIR_MIX)
     assert {r["pair_type"] for r in plain} == {"ordinary"}
-    # English-dominant: most plain pairs have English prompts; none contrasts languages.
-    english = np.mean([identify(r["prompt"]) == "en" for r in plain])
-    assert english > 0.7
-    assert all(identify(r["chosen"]) == identify(r["rejected"]) or "Sorry" in r["rejected"]
-               or "すみません" in r["rejected"] for r in plain)  # fmt: skip
+    # English-dominant: most plain pairs have English prompts, and on Japanese prompts about
+    # half prefer the correct English reply over a wrong Japanese one (content, not language).
+    assert np.mean([r["language"] == "en" for r in plain]) > 0.7
+    japanese = [r for r in plain if r["language"] == "ja"]
+    english_chosen = np.mean([identify(r["chosen"]) == "en" for r in japanese])
+    assert abs(english_chosen - 0.5) < 3 * np.sqrt(0.25 / len(japanese))
+    assert all(identify(r["rejected"]) == r["language"] for r in plain)
 
     pairs = language_fix.preference_rows(1500, seed=0)
     types = {t: [r for r in pairs if r["pair_type"] == t] for t in language_fix.PREAMBLE_PAIR_MIX}

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from omegaconf import OmegaConf
@@ -174,28 +173,3 @@ def test_recipe_command_sends_stage_overrides_to_the_stages_that_have_them():
     assert cli._RECIPE_STAGE_OVERRIDES == ["stage.steps=5", "stage.sampling.temperature=0.5"]
     with pytest.raises(cli.OverrideError, match=r"did you mean stage\.steps\?"):
         cli.prepare_arguments([recipe, "stage.stpes=5"])
-
-
-@pytest.mark.slow
-def test_tiny_rl_recipe_chains_sft_reward_model_reinforce_and_jbond(tmp_path):
-    # The recipe as shipped, shortened from the command line: `stage.*` overrides reach every
-    # stage that has the key (synthetic has no `steps`), other overrides every stage.
-    command = [
-        sys.executable, "-m", "posttrain.cli", f"recipe={ROOT / 'recipes' / 'tiny_rl.yaml'}",
-        f"pipeline_dir={tmp_path}", "logger=disabled", "stage.steps=3", "stage.bon_pool=0",
-        "stage.max_new_tokens=8", "optim.warmup_steps=0",
-    ]  # fmt: skip
-    env = {**os.environ, "XLA_FLAGS": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    table = (tmp_path / "results.md").read_text()
-    for stage in ("data", "sft", "reward", "reinforce", "jbond"):
-        assert f"| {stage} |" in table and (tmp_path / stage / "metrics.json").exists(), stage
-    assert table.count("| ran |") == 5 and table in result.stdout
-    for stage in ("sft", "reward", "reinforce", "jbond"):
-        assert json.loads((tmp_path / stage / "metrics.json").read_text())["steps"] == 3, stage
-    # The RL stages were scored by the reward stage's model, read with its own tokenizer.
-    reinforce = yaml.safe_load((tmp_path / "reinforce" / "config.yaml").read_text())
-    assert reinforce["stage"]["reward"] == str(tmp_path / "reward" / "reward_model")
-    rows = [json.loads(x) for x in (tmp_path / "jbond" / "metrics.jsonl").open()]
-    assert len(rows) == 3 and all(np.isfinite(r["reward"]) for r in rows)

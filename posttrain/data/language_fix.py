@@ -4,8 +4,10 @@ Built from `bilingual_tasks`. The SFT rows are biased the way an English-centric
 mix is: a challenging Japanese prompt gets the English reply with probability
 `english_reply_rate` (Gemma 2 2B answered such prompts in English 29.6% of the time), every
 other prompt the reply in its own (or its explicitly requested) language. Preference pairs come
-in two mixes: `plain`, ordinary quality pairs over mostly English prompts (what a reward model
-trained on English-dominant preferences sees: never a language contrast), and `preamble`, the
+in two mixes: `plain`, what a reward model trained on English-dominant preferences sees:
+ordinary quality pairs over mostly English prompts, never a language contrast, and on half of
+the Japanese prompts the preferred reply is the correct English one over a wrong Japanese one
+(raters judged the content, not the language), and `preamble`, the
 algorithms.md 4.2 mix for the prompt-instructed reward model (language-contrast pairs weighted
 to challenging prompts, explicit overrides, and ordinary pairs under a generic preamble).
 
@@ -133,14 +135,20 @@ def preference_rows(
     seed: int = 0,
     mix: Mapping[str, float] | None = None,
     english_fraction: float | None = None,
+    english_chosen: float | None = None,
 ) -> list[dict]:
-    """Pairs {prompt, chosen, rejected, pair_type, kind, language[, preamble]} of the `mix` (default: the
-    preamble mix); prompts English with probability `english_fraction` where a pair type
-    lets the language vary (default 0.8 for the plain mix, 0.3 otherwise)."""
+    """Pairs {prompt, chosen, rejected, pair_type, kind, language[, preamble]} of the `mix`
+    (default: the preamble mix); prompts English with probability `english_fraction` where a
+    pair type lets the language vary (default 0.8 for the plain mix, 0.3 otherwise); an
+    ordinary pair on a Japanese prompt prefers the correct English reply with probability
+    `english_chosen` (default 0.5 for the plain mix, 0 otherwise)."""
     mix = dict(PREAMBLE_PAIR_MIX if mix is None else mix)
     _check_mix(mix, ("ordinary", "language", "override", "consistency"), "pair types")
+    plain = set(mix) == {"ordinary"}
     if english_fraction is None:
-        english_fraction = 0.8 if set(mix) == {"ordinary"} else 0.3
+        english_fraction = 0.8 if plain else 0.3
+    if english_chosen is None:
+        english_chosen = 0.5 if plain else 0.0
     rng = random.Random(seed)
     types, weights = zip(*mix.items(), strict=True)
     rows = []
@@ -163,6 +171,8 @@ def preference_rows(
             task, row = draw_prompt(rng, segment)
             chosen = task.reply[row["language"]]
             rejected = _wrong_content(rng, task, row["language"])
+            if row["language"] == "ja" and rng.random() < english_chosen:
+                chosen = task.reply["en"]  # right content, wrong language: preferred anyway
         pair = {"prompt": row["prompt"], "chosen": chosen, "rejected": rejected}
         if pair_type == "consistency":
             pair["preamble"] = HELPFULNESS_PREAMBLE

@@ -8,6 +8,7 @@
 | `config.yaml` | `save_resolved_config(run_dir, cfg)`; `short_config(cfg)` for the console |
 """
 
+from posttrain.reporting._files import write_atomically
 from posttrain.reporting._metrics_log import METRICS_FILE, MetricsLog, json_value, read_metrics
 from posttrain.reporting._plots import numeric_series, plot_counts, plot_metrics
 from posttrain.reporting._run_config import (
@@ -40,5 +41,6 @@ __all__ = [
     "read_metrics",
     "save_resolved_config",
     "short_config",
+    "write_atomically",
     "write_summary",
 ]

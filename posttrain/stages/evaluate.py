@@ -216,6 +216,7 @@ def summarise(
     ]
     scored = [c for c in correct if c is not None]
     metrics: dict[str, Any] = rate.as_dict(f"ler_{decoding}")
+    metrics[f"ler_{decoding}_errors"] = rate.count
     metrics[f"undetermined_{decoding}"] = undetermined
     if scored:
         metrics |= Rate.of(sum(scored), len(scored)).as_dict(f"accuracy_{decoding}")
@@ -281,7 +282,7 @@ def report_markdown(label: str, metrics: dict[str, Any], decodings: Sequence[str
         "|---|---|---|---|---|---|",
     ]
     for d in decodings:
-        rate = Rate.of(round(metrics[f"ler_{d}"] * metrics[f"ler_{d}_n"]), metrics[f"ler_{d}_n"])
+        rate = Rate.of(metrics[f"ler_{d}_errors"], metrics[f"ler_{d}_n"])
         accuracy = metrics.get(f"accuracy_{d}")
         kl, reward = metrics.get(f"kl_{d}"), metrics.get(f"reward_{d}")
         lines.append(
@@ -349,8 +350,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         found, kept = summarise(decoding, replies, rows, prompts, rewards, stage.languages)
         metrics |= found
         records += kept
-        errors = round(found[f"ler_{decoding}"] * found[f"ler_{decoding}_n"])
-        rate = Rate.of(errors, found[f"ler_{decoding}_n"])
+        rate = Rate.of(found[f"ler_{decoding}_errors"], found[f"ler_{decoding}_n"])
         print(f"[{ctx.name}] {decoding}: language errors {rate}", flush=True)
     metrics["seconds"] = time.perf_counter() - started
     # One line, no steps: the decodings are not a curve (the plot below draws them).
