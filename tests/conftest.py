@@ -11,3 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow end-to-end tests first (stable otherwise): under `--dist loadfile` the longest
+    files (the flagship recipe takes minutes) start at once instead of last on one worker."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -7,7 +7,8 @@ seed), reads its evaluate stages, prints the table and checks the targets:
   when sampled, and beam search does better than sampling;
 - RL against a plain reward model (English-dominant preferences) leaves the rate >= 10%;
 - RL and J-BOND against the WARM preamble reward model bring it <= 1%, with the 95% Wilson
-  interval's upper end <= 2%, with greedy and sampled answer accuracy at most 2 points below SFT.
+  interval's upper end <= 2%; every preamble row keeps greedy and sampled answer accuracy at most
+  2 points below SFT's (the plain row is the control: its accuracy is reported, not gated).
 
 Each seed's section in `results.md` (the table, the gates, the exact command, versions and
 machine) replaces that seed's previous one; the reward-vs-KL plots are copied next to it.
@@ -46,6 +47,10 @@ ROWS = [
     ("J-BOND, WARM preamble RM", "eval_jbond_warm", "sampled"),
 ]
 FIXED = ("eval_rl_warm", "eval_jbond_warm")  # the rows the targets say are fixed
+PREAMBLE = (
+    "eval_rl_preamble",
+    *FIXED,
+)  # the fix must not cost accuracy (the plain row is the control)
 SFT_BAND = (0.20, 0.40)
 FIXED_RATE, FIXED_UPPER = 0.01, 0.02
 PLAIN_FLOOR = 0.10
@@ -56,7 +61,12 @@ PLOTTED = ("rl_plain", "rl_preamble", "rl_warm", "jbond_warm")
 def run_recipe(pipeline_dir: Path, seed: int, extra: list[str] | None = None) -> str:
     """Run the recipe with every stage seeded by `seed`; returns the command line."""
     command = [sys.executable, "-m", "posttrain.cli", f"recipe={RECIPE}"]
-    command += [f"pipeline_dir={pipeline_dir}", f"seed={seed}", f"stage.seed={seed}"]
+    command += [
+        f"pipeline_dir={pipeline_dir}",
+        f"seed={seed}",
+        f"data.seed={seed}",
+        f"stage.seed={seed}",
+    ]
     command += ["logger=disabled", "hydra/job_logging=disabled", *(extra or [])]
     subprocess.run(command, check=True, cwd=ROOT)
     return " ".join(["posttrain", *command[3:]])
@@ -110,7 +120,7 @@ def gates(evaluations: dict[str, dict[str, Any]]) -> dict[str, bool]:
         out[f"{stage}: <= {FIXED_RATE:.0%}, upper <= {FIXED_UPPER:.0%}"] = (
             m["ler_sampled"] <= FIXED_RATE and m["ler_sampled_high"] <= FIXED_UPPER
         )
-    for stage in ("eval_rl_plain", "eval_rl_preamble", *FIXED):
+    for stage in PREAMBLE:
         m = evaluations[stage]
         out[f"{stage}: accuracy >= SFT - {ACCURACY_DROP:.0%}"] = all(
             m[f"accuracy_{d}"] >= sft[f"accuracy_{d}"] - ACCURACY_DROP
