@@ -1,8 +1,10 @@
 """Hydra config groups built from Python: the model presets, and nodes turned back into dataclasses.
 
-`posttrain.models.config.PRESETS` is the one source of the `model` group: `register_configs()`
-stores every preset as `model/<name>`, so `model=gemma2_2b` and `model.num_layers=2` work with no
-YAML copy to drift. Call it before Hydra composes (the `posttrain` command does so at import).
+`posttrain.models.backbone.PRESETS` (every family's presets: Gemma's and RecurrentGemma's) is the
+one source of the `model` group: `register_configs()` stores every preset as `model/<name>`, so
+`model=gemma2_2b`, `model=tiny_recurrentgemma` and `model.num_layers=2` work with no YAML copy to
+drift. A node's `family` field names its config class. Call it before Hydra composes (the
+`posttrain` command does so at import).
 """
 
 from __future__ import annotations
@@ -15,14 +17,14 @@ from typing import Any, TypeVar
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from posttrain.models.config import PRESETS, ModelConfig
+from posttrain.models.backbone import PRESETS, BackboneConfig, backbone_for_family
 from posttrain.train.optim import OptimConfig
 
 _Config = TypeVar("_Config")
 
 
-def preset_node(config: ModelConfig) -> dict[str, Any]:
-    """A preset as a plain dict of ModelConfig's fields, tuples as lists (YAML has no tuples)."""
+def preset_node(config: BackboneConfig) -> dict[str, Any]:
+    """A preset as a plain dict of its config's fields, tuples as lists (YAML has no tuples)."""
     node = dataclasses.asdict(config)
     return {key: list(value) if isinstance(value, tuple) else value for key, value in node.items()}
 
@@ -58,9 +60,13 @@ def dataclass_from_node(
     return cls(**fields)
 
 
-def model_config_from_node(node: DictConfig | Mapping[str, Any]) -> ModelConfig:
-    """The ModelConfig of a composed `cfg.model` node (tuples restored, unknown fields named)."""
-    return dataclass_from_node(ModelConfig, node, "model")
+def model_config_from_node(node: DictConfig | Mapping[str, Any]) -> BackboneConfig:
+    """The config of a composed `cfg.model` node, of the class its `family` names (tuples
+    restored, unknown fields named)."""
+    family = node.get("family")
+    if family is None:
+        raise ValueError("model.family is missing: it names the model's family (gemma2, ...)")
+    return dataclass_from_node(backbone_for_family(family).config_class, node, "model")
 
 
 def optim_config_from_node(node: DictConfig | Mapping[str, Any]) -> OptimConfig:

@@ -92,7 +92,12 @@ def test_evaluate_stage_numbers_agree_with_its_own_records(policy, tmp_path):
 
 def test_summary_honours_explicit_requests_and_kinds():
     rows = [
-        {"prompt": "Docker とは何ですか？", "allowed": ["ja"], "answers": ["コンテナ"], "kind": "a"},
+        {
+            "prompt": "Docker とは何ですか？",
+            "allowed": ["ja"],
+            "answers": ["コンテナ"],
+            "kind": "a",
+        },
         {"prompt": "Docker とは何ですか？英語で答えてください。", "kind": "b"},
     ]
     replies = _Replies(

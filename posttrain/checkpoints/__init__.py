@@ -4,17 +4,18 @@ from pathlib import Path
 
 from posttrain.checkpoints.huggingface import CheckpointError, load_hf, save_hf
 from posttrain.checkpoints.official import load_official, save_official
+from posttrain.models.backbone import BackboneConfig
 from posttrain.models.config import ModelConfig
 from posttrain.models.model import Model
 
 
 def load_hf_model(directory: str | Path, dtype: str | None = None) -> Model:
-    """Load a Hugging Face Gemma / Gemma 2 directory as a callable `Model`."""
+    """Load a Hugging Face Gemma / Gemma 2 / RecurrentGemma directory as a callable `Model`."""
     config, params = load_hf(directory, dtype)
     return Model(config, params)
 
 
-def load_policy(path: str | Path, config: ModelConfig):
+def load_policy(path: str | Path, config: BackboneConfig):
     """(config, params) of a Hugging Face directory (its config.json rules), or of an official
     Orbax checkpoint (which has no config: `config`, the `model=` preset, gives its shape)."""
     if (Path(path) / "config.json").exists():
@@ -22,6 +23,11 @@ def load_policy(path: str | Path, config: ModelConfig):
     if not Path(path).is_dir():
         raise CheckpointError(
             f"{path}: neither a Hugging Face directory (config.json) nor an Orbax checkpoint"
+        )
+    if not isinstance(config, ModelConfig):
+        raise CheckpointError(
+            f"{path}: official Orbax checkpoints are read for Gemma only; give a "
+            f"{config.family} checkpoint as a Hugging Face directory"
         )
     return load_official(path, config)
 

@@ -1,7 +1,11 @@
-"""Hugging Face Gemma / Gemma 2 directories: load into our tree, export from it.
+"""Hugging Face directories: `load_hf` / `save_hf` of any backbone family, and the Gemma /
+Gemma 2 format itself.
 
-Reads `config.json` and safetensors only (never pickles). The tensor mapping is in
-`shared/design/backbone.md` §3.3; the one surprise is Gemma 1's naming, where HF's
+`config_from_hf`, `config_to_hf`, `load_hf` and `save_hf` dispatch on the config.json's
+`model_type` (gemma, gemma2, recurrent_gemma) or the config's family, through
+`posttrain.models.backbone`; RecurrentGemma's format is `posttrain.models.recurrentgemma.
+huggingface`. Reads `config.json` and safetensors only (never pickles). The Gemma tensor mapping
+is in `shared/design/backbone.md` §3.3; the one surprise is Gemma 1's naming, where HF's
 `post_attention_layernorm` is the norm *before* the MLP.
 """
 
@@ -18,6 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from posttrain.models.backbone import BackboneConfig, backbone_for_hf, backbone_of
 from posttrain.models.config import ModelConfig
 
 Params = dict[str, Any]
@@ -35,8 +40,25 @@ class CheckpointError(ValueError):
     """A checkpoint that does not match the expected tensors or shapes."""
 
 
-def config_from_hf(hf_config: dict[str, Any], dtype: str | None = None) -> ModelConfig:
-    """Translate a transformers `config.json` dict into a ModelConfig."""
+def config_from_hf(hf_config: dict[str, Any], dtype: str | None = None) -> BackboneConfig:
+    """Translate a transformers `config.json` dict into its family's config."""
+    return _backbone_for(hf_config).config_from_hf(hf_config, dtype)
+
+
+def config_to_hf(config: BackboneConfig, dtype: str) -> dict[str, Any]:
+    """A transformers `config.json` dict for a config of any family."""
+    return backbone_of(config).config_to_hf(config, dtype)
+
+
+def _backbone_for(hf_config: dict[str, Any]):
+    try:
+        return backbone_for_hf(hf_config.get("model_type"))
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def gemma_config_from_hf(hf_config: dict[str, Any], dtype: str | None = None) -> ModelConfig:
+    """Translate a transformers Gemma / Gemma 2 `config.json` dict into a ModelConfig."""
     model_type = hf_config.get("model_type")
     if model_type not in _MODEL_TYPES:
         raise CheckpointError(
@@ -97,7 +119,7 @@ def _shortest_period(pattern: tuple[str, ...]) -> tuple[str, ...]:
     return pattern
 
 
-def config_to_hf(config: ModelConfig, dtype: str) -> dict[str, Any]:
+def gemma_config_to_hf(config: ModelConfig, dtype: str) -> dict[str, Any]:
     """A transformers `config.json` dict for this ModelConfig."""
     model_type, architecture = _ARCHITECTURES[config.family]
     hf: dict[str, Any] = dict(
@@ -292,21 +314,39 @@ def params_to_hf_tensors(config: ModelConfig, params: Params, dtype: str) -> dic
     return {name: np.ascontiguousarray(a, dtype=np_dtype) for name, a in out.items()}
 
 
-def load_hf(directory: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Params]:
-    """Load a Hugging Face Gemma / Gemma 2 directory into (config, params)."""
-    directory = Path(directory)
+def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{config_path} not found")
-    config = config_from_hf(json.loads(config_path.read_text()), dtype)
+    return json.loads(config_path.read_text())
+
+
+def load_hf(directory: str | Path, dtype: str | None = None) -> tuple[BackboneConfig, Params]:
+    """Load a Hugging Face directory of any family (its config.json's `model_type` says which)
+    into (config, params)."""
+    directory = Path(directory)
+    return _backbone_for(_read_config(directory)).load_hf(directory, dtype)
+
+
+def save_hf(
+    config: BackboneConfig, params: Params, directory: str | Path, dtype: str | None = None
+) -> Path:
+    """Write `config.json` and `model.safetensors` that transformers loads (any family)."""
+    return backbone_of(config).save_hf(config, params, Path(directory), dtype)
+
+
+def load_gemma_hf(directory: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Params]:
+    """Load a Hugging Face Gemma / Gemma 2 directory into (config, params)."""
+    directory = Path(directory)
+    config = gemma_config_from_hf(_read_config(directory), dtype)
     params = params_from_hf_tensors(config, dict(read_safetensors(directory)))
     return config, params
 
 
-def save_hf(
+def save_gemma_hf(
     config: ModelConfig, params: Params, directory: str | Path, dtype: str | None = None
 ) -> Path:
-    """Write `config.json` and `model.safetensors` that transformers loads."""
+    """Write a Gemma / Gemma 2 `config.json` and `model.safetensors` that transformers loads."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or config.param_dtype
@@ -315,7 +355,7 @@ def save_hf(
     tmp_weights = directory / "model.safetensors.tmp"
     save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
     tmp_config = directory / "config.json.tmp"
-    tmp_config.write_text(json.dumps(config_to_hf(config, dtype), indent=2))
+    tmp_config.write_text(json.dumps(gemma_config_to_hf(config, dtype), indent=2))
     tmp_weights.replace(directory / "model.safetensors")
     tmp_config.replace(directory / "config.json")
     return directory

@@ -15,7 +15,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from posttrain.models import ModelConfig, Transformer
+from posttrain.models import backbone
+from posttrain.models.backbone import BackboneConfig
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -67,7 +68,7 @@ def chunked_token_log_probs(
 
 @functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
 def sequence_token_log_probs(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     inputs: Array,
     targets: Array,
@@ -78,16 +79,15 @@ def sequence_token_log_probs(
 
     For next-token prediction pass inputs = tokens[:, :-1] and targets = tokens[:, 1:].
     """
-    out = Transformer(config).apply(
-        {"params": params}, inputs, None, segment_ids, compute_logits=False
-    )
-    b, t, d = out.hidden.shape
+    hidden = backbone.hidden_states(config, params, inputs, None, segment_ids)
+    embedding, softcap = backbone.unembedding(config, params)
+    b, t, d = hidden.shape
     log_probs = chunked_token_log_probs(
-        out.hidden.reshape(b * t, d),
-        params["embedder"]["input_embedding"],
+        hidden.reshape(b * t, d),
+        embedding,
         targets.reshape(-1),
         config.vocab_size,
-        config.final_logit_softcap,
+        softcap,
         min(chunk_size, config.vocab_size),
     )
     return log_probs.reshape(b, t)

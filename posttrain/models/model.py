@@ -9,24 +9,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from posttrain.models.config import ModelConfig
-from posttrain.models.transformer import check_token_ids, forward
+from posttrain.models.backbone import BackboneConfig, forward
+from posttrain.models.transformer import check_token_ids
 
 Params = dict[str, Any]
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _jit_forward(
-    config: ModelConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None
+    config: BackboneConfig, params: Params, tokens: jax.Array, segment_ids: jax.Array | None
 ) -> jax.Array:
     return forward(config, params, tokens, None, segment_ids)
 
 
 @dataclasses.dataclass
 class Model:
-    """A Gemma model ready to score tokens; `params` is a plain tree usable with `forward`."""
+    """A model of any backbone family ready to score tokens; `params` is a plain tree usable
+    with `forward`."""
 
-    config: ModelConfig
+    config: BackboneConfig
     params: Params
 
     def __call__(self, tokens: Any, segment_ids: Any | None = None) -> jax.Array:

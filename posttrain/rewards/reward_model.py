@@ -1,4 +1,4 @@
-"""A reward model: the Gemma backbone with a scalar head on the last response token.
+"""A reward model: a backbone (any family) with a scalar head on the last response token.
 
 r(x, y) = w · h_last + b, where h_last is the final normalised hidden state at the last
 non-padding token of [prompt ; response] (its `<end_of_turn>`). The backbone parameters are the
@@ -21,7 +21,8 @@ from safetensors.numpy import load_file, save_file
 from posttrain.checkpoints import load_hf, save_hf
 from posttrain.data.shared_prompt import SharedPromptPairs
 from posttrain.losses.bradley_terry import bradley_terry_loss
-from posttrain.models import ModelConfig, Transformer
+from posttrain.models import backbone as backbones
+from posttrain.models.backbone import BackboneConfig
 
 HEAD_FILE = "head.safetensors"
 
@@ -29,25 +30,24 @@ Array = jax.Array
 Params = dict[str, Any]
 
 
-def init_head(config: ModelConfig) -> Params:
+def init_head(config: BackboneConfig) -> Params:
     """A zero head: every response scores 0 until trained."""
-    return {"w": jnp.zeros((config.embed_dim,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+    width = backbones.width(config)
+    return {"w": jnp.zeros((width,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
 
 
 def last_token_features(
-    config: ModelConfig, backbone: Params, tokens: Array, segment_ids: Array
+    config: BackboneConfig, backbone: Params, tokens: Array, segment_ids: Array
 ) -> Array:
     """Final hidden state [b, d] (float32) at each row's last non-padding token."""
-    out = Transformer(config).apply(
-        {"params": backbone}, tokens, None, segment_ids, compute_logits=False
-    )
+    hidden = backbones.hidden_states(config, backbone, tokens, None, segment_ids)
     index = jnp.arange(tokens.shape[1])
     last = jnp.max(jnp.where(segment_ids > 0, index, -1), axis=1)  # works for left or right padding
-    return jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
 def reward_scores(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     tokens: Array,
     segment_ids: Array,
@@ -63,7 +63,7 @@ def reward_scores(
 
 
 def shared_prompt_rewards(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     pairs: SharedPromptPairs,
     dropout_rate: float = 0.0,
@@ -74,6 +74,7 @@ def shared_prompt_rewards(
     The rows run as two forwards over halves of the batch, as unshared pairs run as a chosen and a
     rejected forward: XLA:CPU runs independent forwards side by side, which a 2-core reward step
     needs (one forward of all rows: 7-30% longer steps, `experiments/bench/reward`).
+    Attention-only backbones (`backbone.shares_prompts`) only: a recurrence reads unshared pairs.
     """
     rows = pairs.tokens.shape[0]
     bounds = [0, rows // 2, rows] if rows > 1 else [0, rows]
@@ -89,20 +90,13 @@ def shared_prompt_rewards(
 
 
 def _shared_prompt_features(
-    config: ModelConfig, backbone: Params, pairs: SharedPromptPairs
+    config: BackboneConfig, backbone: Params, pairs: SharedPromptPairs
 ) -> Array:
     """Final hidden states [n, 2, d] at each row's chosen and rejected last tokens."""
-    out = Transformer(config).apply(
-        {"params": backbone},
-        pairs.tokens,
-        pairs.positions,
-        pairs.segments,
-        compute_logits=False,
-        branch_ids=pairs.branches,
-        # Each branch's positions continue the prefix's, within the row.
-        position_bound=pairs.tokens.shape[1],
+    hidden = backbones.branched_hidden(
+        config, backbone, pairs.tokens, pairs.positions, pairs.segments, pairs.branches
     )
-    return jnp.take_along_axis(out.hidden, pairs.last[:, :, None], axis=1)
+    return jnp.take_along_axis(hidden, pairs.last[:, :, None], axis=1)
 
 
 def _apply_head(
@@ -115,7 +109,7 @@ def _apply_head(
     return features @ head["w"] + head["b"]
 
 
-def save_reward_model(config: ModelConfig, params: Params, directory: str | Path) -> Path:
+def save_reward_model(config: BackboneConfig, params: Params, directory: str | Path) -> Path:
     """Backbone as a Hugging Face directory plus the head as `head.safetensors`."""
     directory = Path(directory)
     save_hf(config, jax.tree.map(np.asarray, params["backbone"]), directory)
@@ -126,18 +120,17 @@ def save_reward_model(config: ModelConfig, params: Params, directory: str | Path
     return directory
 
 
-def load_reward_model(directory: str | Path) -> tuple[ModelConfig, Params]:
+def load_reward_model(directory: str | Path) -> tuple[BackboneConfig, Params]:
     """(config, {'backbone', 'head'}) from `save_reward_model`'s directory, shapes checked."""
     directory = Path(directory)
     if not (directory / HEAD_FILE).exists():
         raise FileNotFoundError(f"{directory}: no {HEAD_FILE}; not a reward-model directory")
     config, backbone = load_hf(directory)
     head = load_file(str(directory / HEAD_FILE))
-    if set(head) != {"w", "b"} or head["w"].shape != (config.embed_dim,) or head["b"].size != 1:
+    width = backbones.width(config)
+    if set(head) != {"w", "b"} or head["w"].shape != (width,) or head["b"].size != 1:
         shapes = {k: v.shape for k, v in head.items()}
-        raise ValueError(
-            f"{directory / HEAD_FILE}: expected w [{config.embed_dim}] and b [1], got {shapes}"
-        )
+        raise ValueError(f"{directory / HEAD_FILE}: expected w [{width}] and b [1], got {shapes}")
     return config, {
         "backbone": jax.tree.map(jnp.asarray, backbone),
         "head": {"w": jnp.asarray(head["w"]), "b": jnp.asarray(head["b"].reshape(()))},

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain.losses.log_probs import sequence_token_log_probs
-from posttrain.models import ModelConfig
+from posttrain.models import BackboneConfig
 from posttrain.rewards.api import RewardFunction, decode_responses, score_rollouts
 from posttrain.sampling.prompting import encode_prompt
 from posttrain.sampling.sampler import SamplingConfig, bucket_length, generate, left_pad
@@ -61,7 +61,7 @@ class RolloutSource:
 
     def __init__(
         self,
-        config: ModelConfig,
+        config: BackboneConfig,
         tokenizer: GemmaTokenizer,
         prompts: Sequence[Any],
         reward: RewardFunction,
@@ -89,11 +89,6 @@ class RolloutSource:
         self.last_responses: list[str] = []
         self.last_prompts: list[Any] = []
         self.last_rewards = np.zeros(0, np.float32)
-        self._reference_log_probs = jax.jit(
-            lambda params, tokens, segments: sequence_token_log_probs(
-                config, params, tokens[:, :-1], tokens[:, 1:], segments[:, :-1], chunk_size
-            )
-        )
 
     # -- position -------------------------------------------------------------------------
     def state(self) -> dict[str, int]:
@@ -159,7 +154,17 @@ class RolloutSource:
     def token_log_probs(self, params: Params, rows: dict[str, Any]) -> np.ndarray:
         """Per-target log-probs [b, T-1] of rows under `params`, 0 off the response mask."""
         started = time.perf_counter()
-        values = self._reference_log_probs(params, rows["tokens"], rows["segments"])
+        tokens, segments = rows["tokens"], rows["segments"]
+        # Sliced on the host: every source of one config (the stage's, the Best-of-N probe's,
+        # J-BOND's anchor) then shares the one compiled scorer.
+        values = sequence_token_log_probs(
+            self.config,
+            params,
+            tokens[:, :-1],
+            tokens[:, 1:],
+            segments[:, :-1],
+            self.chunk_size,
+        )
         values = np.where(rows["response_mask"], np.asarray(values), 0.0).astype(np.float32)
         self.seconds["reference"] = self.seconds.get("reference", 0.0) + (
             time.perf_counter() - started

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from posttrain.checkpoints import load_hf
 from posttrain.data.prompts import load_prompts
-from posttrain.models import ModelConfig, abstract_params, param_logical_axes
+from posttrain.models import BackboneConfig, abstract_params, param_logical_axes
 from posttrain.rewards.api import RewardFunction, reward_from_config
 from posttrain.rl.plots import best_of_n_curve, load_curve, save_curve
 from posttrain.rl.rollouts import RolloutSource
@@ -30,7 +30,7 @@ class PolicySetup:
     """The pieces an RL stage starts from."""
 
     tokenizer: GemmaTokenizer
-    config: ModelConfig
+    config: BackboneConfig
     params: Any  # the policy, on the mesh
     reference: Any  # a frozen copy (the training step donates `params`)
     reward: RewardFunction

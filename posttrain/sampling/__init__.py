@@ -1,4 +1,4 @@
-"""Sampling from the backbone: batched KV-cache sampler, beam search and Best-of-N."""
+"""Sampling from any backbone: batched sampler, beam search and Best-of-N."""
 
 from posttrain.sampling.beam_search import BeamOutput, beam_search
 from posttrain.sampling.best_of_n import (

@@ -1,9 +1,10 @@
 """Batched beam search with the GNMT length penalty ((5 + L) / 6)^alpha.
 
 Static shapes throughout: alive and finished hypotheses are kept in separate [b, w, ...] arrays
-(the T5X design), the loop is a `lax.while_loop`, and the KV cache is regathered by beam index
-every step. Hypotheses that reach the length limit without a stop token compete with the
-finished ones, so an exhaustive width returns the exact best sequence of at most that length.
+(the T5X design), the loop is a `lax.while_loop`, and the backbone's decoding state is
+regathered by beam index every step. Hypotheses that reach the length limit without a stop
+token compete with the finished ones, so an exhaustive width returns the exact best sequence of
+at most that length.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from posttrain.models import ModelConfig, decode_step, decode_weights, prefill, select_rows
+from posttrain.models import backbone
+from posttrain.models.backbone import BackboneConfig
 from posttrain.sampling.sampler import DEFAULT_STOP_IDS, bucket_length, left_pad
 
 Array = jax.Array
@@ -40,7 +42,7 @@ def length_penalty(length: Array, alpha: float) -> Array:
 
 class _BeamState(NamedTuple):
     step: Array
-    cache: Any
+    state: Any  # the backbone's decoding state, [b * w] rows
     logits: Array  # [b * w, v]
     alive_tokens: Array  # [b, w, n]
     alive_log_probs: Array  # [b, w]
@@ -65,7 +67,7 @@ def _merge_top(scores: Array, k: int, *arrays: Array) -> tuple[Array, ...]:
     static_argnames=("config", "width", "max_new_tokens", "stop_ids", "alpha", "early_stop"),
 )
 def beam_search_tokens(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     prompt_tokens: Array,
     prompt_segments: Array,
@@ -79,10 +81,12 @@ def beam_search_tokens(
     """Beam search after left-padded prompts [b, t]."""
     batch, prompt_length = prompt_tokens.shape
     n = max_new_tokens
-    logits, cache = prefill(config, params, prompt_tokens, prompt_segments, prompt_length + n)
-    weights = decode_weights(config, params)
+    logits, decoding = backbone.prefill(
+        config, params, prompt_tokens, prompt_segments, prompt_length + n
+    )
+    weights = backbone.decode_weights(config, params)
     rows = jnp.repeat(jnp.arange(batch), width)
-    cache = select_rows(cache, rows)
+    decoding = backbone.select_rows(config, decoding, rows)
     start_positions = jnp.sum(prompt_segments > 0, axis=1).astype(jnp.int32)
     stop = jnp.asarray(stop_ids, jnp.int32)
     # Only beam 0 starts alive, so the first step does not pick the same token w times.
@@ -90,7 +94,7 @@ def beam_search_tokens(
     empty = jnp.zeros((batch, width, n), jnp.int32)
     state = _BeamState(
         step=jnp.zeros((), jnp.int32),
-        cache=cache,
+        state=decoding,
         logits=jnp.take(logits[:, -1], rows, axis=0),
         alive_tokens=empty,
         alive_log_probs=alive_log_probs,
@@ -139,20 +143,14 @@ def beam_search_tokens(
             jnp.where(stops, NEG_INF, cand_lp), width, tokens, beam, token
         )
         source_rows = (jnp.arange(batch)[:, None] * width + alive_beam).reshape(-1)
-        cache = select_rows(s.cache, source_rows)
+        decoding = backbone.select_rows(config, s.state, source_rows)
         positions = (start_positions[:, None] + s.step).repeat(width, 1).reshape(-1, 1)
-        logits, cache = decode_step(
-            config,
-            params,
-            alive_token.reshape(-1, 1),
-            positions,
-            cache,
-            weights,
-            position_bound=prompt_length + n,
+        logits, decoding = backbone.decode_step(
+            config, params, alive_token.reshape(-1, 1), positions, decoding, weights
         )
         return _BeamState(
             step=length,
-            cache=cache,
+            state=decoding,
             logits=logits[:, 0],
             alive_tokens=alive_tokens,
             alive_log_probs=alive_lp,
@@ -172,7 +170,7 @@ def beam_search_tokens(
 
 
 def beam_search(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     prompts: Sequence[Sequence[int]],
     width: int,

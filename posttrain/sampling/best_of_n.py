@@ -19,7 +19,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from posttrain.data.preferences import Prompt
-from posttrain.models import ModelConfig
+from posttrain.models.backbone import BackboneConfig
 from posttrain.rewards.api import RewardFunction, check_rewards, decode_responses, score_responses
 from posttrain.sampling.prompting import encode_prompt
 from posttrain.sampling.sampler import SampleOutput, SamplingConfig, sample
@@ -47,7 +47,7 @@ class BestOfNOutput(NamedTuple):
 
 
 def best_of_n(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     tokenizer: GemmaTokenizer,
     prompts: Sequence[Prompt],
@@ -80,7 +80,7 @@ def best_of_n(
 
 
 def best_of_n_tokens(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     prompt_ids: Sequence[Sequence[int]],
     n: int,
@@ -98,7 +98,7 @@ def best_of_n_tokens(
 
 
 def _draw(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     prompt_ids: Sequence[Sequence[int]],
     n: int,

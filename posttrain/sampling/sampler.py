@@ -1,4 +1,4 @@
-"""Batched KV-cache sampling: prefill once, then a decode loop compiled once.
+"""Batched sampling from any backbone: prefill once, then a decode loop compiled once.
 
 The loop is a `lax.while_loop` that stops as soon as every row has emitted a stop token.
 Temperature, top-k and top-p are traced arrays, so changing them never recompiles; prompts are
@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from posttrain.models import ModelConfig, decode_step, decode_weights, prefill
-from posttrain.models.cache import repeat_cache_rows
+from posttrain.models import backbone
+from posttrain.models.backbone import BackboneConfig
 from posttrain.sampling.processors import first_argmax, process_logits, token_log_probs
 
 Array = jax.Array
@@ -99,7 +99,7 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int) -> tuple[np.ndarray,
 
 class _LoopState(NamedTuple):
     step: Array
-    cache: Any
+    state: Any  # the backbone's decoding state (opaque)
     logits: Array  # [b, v] logits for the token about to be chosen
     positions: Array  # [b] position of that token
     tokens: Array
@@ -114,7 +114,7 @@ class _LoopState(NamedTuple):
     jax.jit, static_argnames=("config", "max_new_tokens", "stop_ids", "samples_per_prompt")
 )
 def generate(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     prompt_tokens: Array,
     prompt_segments: Array,
@@ -128,24 +128,24 @@ def generate(
     samples_per_prompt: int = 1,
 ) -> SampleOutput:
     """Sample up to `max_new_tokens` after left-padded prompts [p, t] (segment 0 = padding);
-    with `samples_per_prompt` = k, each prompt is prefilled once and its cache continued by k
-    rows: outputs are [p·k, ...], prompt-major."""
+    with `samples_per_prompt` = k, each prompt is prefilled once and its decoding state
+    continued by k rows: outputs are [p·k, ...], prompt-major."""
     global trace_count
     trace_count += 1
     prompt_length = prompt_tokens.shape[1]
-    logits, cache = prefill(
+    logits, decoding = backbone.prefill(
         config, params, prompt_tokens, prompt_segments, prompt_length + max_new_tokens
     )
-    cache = repeat_cache_rows(cache, samples_per_prompt)
+    decoding = backbone.repeat_rows(config, decoding, samples_per_prompt)
     logits = jnp.repeat(logits[:, -1:], samples_per_prompt, axis=0)
     prompt_segments = jnp.repeat(prompt_segments, samples_per_prompt, axis=0)
     batch = prompt_segments.shape[0]
-    weights = decode_weights(config, params)
+    weights = backbone.decode_weights(config, params)
     stop = jnp.asarray(stop_ids, jnp.int32)
     zeros = jnp.zeros((batch, max_new_tokens), jnp.float32)
     state = _LoopState(
         step=jnp.zeros((), jnp.int32),
-        cache=cache,
+        state=decoding,
         logits=logits[:, -1],
         positions=jnp.sum(prompt_segments > 0, axis=1).astype(jnp.int32),
         tokens=jnp.zeros((batch, max_new_tokens), jnp.int32),
@@ -171,19 +171,13 @@ def generate(
         model_lp = jnp.where(active, token_log_probs(s.logits, token), 0.0)
         policy_lp = jnp.where(active & ~greedy, token_log_probs(processed, token), 0.0)
         finished = s.finished | jnp.any(token[:, None] == stop[None, :], axis=-1)
-        next_logits, cache = decode_step(
-            config,
-            params,
-            token[:, None],
-            s.positions[:, None],
-            s.cache,
-            weights,
-            # A row's positions stay below its real tokens' count, which fits the cache.
-            position_bound=prompt_length + max_new_tokens,
+        # A row's positions stay below its real tokens' count: within the prefill's max_length.
+        next_logits, decoding = backbone.decode_step(
+            config, params, token[:, None], s.positions[:, None], s.state, weights
         )
         return _LoopState(
             step=s.step + 1,
-            cache=cache,
+            state=decoding,
             logits=next_logits[:, 0],
             positions=s.positions + 1,
             tokens=s.tokens.at[:, s.step].set(token),
@@ -201,7 +195,7 @@ def generate(
 
 
 def sample(
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     prompts: Sequence[Sequence[int]],
     sampling: SamplingConfig | None = None,

@@ -47,7 +47,7 @@ from posttrain.losses.bond import (
 from posttrain.losses.kl import kl_k1, kl_k3, sequence_log_prob
 from posttrain.losses.log_probs import sequence_token_log_probs
 from posttrain.losses.policy_gradient import leave_one_out_mean
-from posttrain.models import ModelConfig
+from posttrain.models import BackboneConfig
 from posttrain.rl.rollouts import RolloutSource
 from posttrain.rl.setup import load_policy_setup, reference_curve, rl_dry_run
 from posttrain.rl.training import train_policy
@@ -171,7 +171,7 @@ class BondSource(RolloutSource):
         )
 
 
-def bond_loss_terms(config: ModelConfig, stage: BondConfig):
+def bond_loss_terms(config: BackboneConfig, stage: BondConfig):
     """(params, batch) -> (summed loss over prompts, prompts, summed metrics)."""
     c, n = stage.samples, stage.anchor_samples
 

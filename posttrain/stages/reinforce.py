@@ -55,7 +55,7 @@ from posttrain.losses.policy_gradient import (
     per_token_reinforce_loss,
     reinforce_loss,
 )
-from posttrain.models import ModelConfig
+from posttrain.models import BackboneConfig
 from posttrain.rl.rollouts import EpochRollouts, RolloutBatch, RolloutSource
 from posttrain.rl.setup import load_policy_setup, reference_curve, rl_dry_run
 from posttrain.rl.training import train_policy
@@ -141,7 +141,7 @@ class ReinforceConfig:
             )
 
 
-def reinforce_loss_terms(config: ModelConfig, stage: ReinforceConfig):
+def reinforce_loss_terms(config: BackboneConfig, stage: ReinforceConfig):
     """(params, rollouts, extras) -> (summed loss, rows, summed metrics) of REINFORCE + KL."""
     k, replayed = stage.samples_per_prompt, stage.epochs > 1
 

@@ -25,7 +25,8 @@ from posttrain.data.prompts import read_rows
 from posttrain.data.sft import BatchIterator
 from posttrain.data.shared_prompt import SharedPromptPairs, share_prompts
 from posttrain.losses.bradley_terry import bradley_terry_loss, preference_metrics
-from posttrain.models import ModelConfig, param_logical_axes
+from posttrain.models import backbone as backbones
+from posttrain.models.backbone import BackboneConfig, param_logical_axes
 from posttrain.rewards.reward_model import (
     fit_linear_probe,
     init_head,
@@ -65,7 +66,8 @@ class RewardConfig:
     dropout: float = 0.0  # on the head's input features, training only
     linear_probe: bool = True  # fit the head on frozen features before training
     probe_pairs: int = 256
-    # Train on each pair's common prefix once: same rewards, fewer tokens.
+    # Train on each pair's common prefix once: same rewards, fewer tokens. Attention-only
+    # backbones; a RecurrentGemma reward model trains on unshared pairs (and says so).
     share_prompts: bool = True
     seed: int = 0
 
@@ -121,7 +123,9 @@ def load_preference_splits(
     return PreferenceSplits(train, stats, evaluated)
 
 
-def probe_head(config: ModelConfig, backbone: Params, rows: PreferenceRows, pairs: int) -> Params:
+def probe_head(
+    config: BackboneConfig, backbone: Params, rows: PreferenceRows, pairs: int
+) -> Params:
     """A head fitted by a linear probe on the frozen backbone's features of the first pairs."""
     features = _jitted_features(config)
     n = min(pairs, len(rows.chosen))
@@ -132,12 +136,12 @@ def probe_head(config: ModelConfig, backbone: Params, rows: PreferenceRows, pair
 
 
 @functools.cache
-def _jitted_features(config: ModelConfig):
+def _jitted_features(config: BackboneConfig):
     # Backbones are arguments, not constants: every probe of one config shares a compilation.
     return jax.jit(lambda p, t, s: last_token_features(config, p, t, s))
 
 
-def pair_loss_terms(config: ModelConfig, center_coefficient: float, dropout: float = 0.0):
+def pair_loss_terms(config: BackboneConfig, center_coefficient: float, dropout: float = 0.0):
     """(params, pair batch[, key]) -> (summed BT loss, number of pairs, sums of the training
     accuracy and margin, logged per step); a key iff dropout > 0."""
 
@@ -164,7 +168,7 @@ def pair_loss_terms(config: ModelConfig, center_coefficient: float, dropout: flo
 
 @functools.cache
 def _reward_train_step(
-    config: ModelConfig, optim: OptimConfig, center_coefficient: float, dropout: float
+    config: BackboneConfig, optim: OptimConfig, center_coefficient: float, dropout: float
 ):
     # One compiled step per setting: WARM members and experiment arms that share one reuse it.
     optimizer = make_optimizer(optim)
@@ -172,7 +176,7 @@ def _reward_train_step(
     return optimizer, make_train_step(loss_terms, optimizer, needs_rng=dropout > 0.0)
 
 
-def reward_logical_axes(config: ModelConfig) -> Params:
+def reward_logical_axes(config: BackboneConfig) -> Params:
     """Logical axes of {'backbone', 'head'}: the head's weight lies along the model width."""
     return {
         "backbone": param_logical_axes(config),
@@ -182,7 +186,7 @@ def reward_logical_axes(config: ModelConfig) -> Params:
 
 def train_reward_model(
     ctx: StageContext,
-    config: ModelConfig,
+    config: BackboneConfig,
     params: Params,
     rows: PreferenceRows,
     stage: RewardConfig,
@@ -204,12 +208,18 @@ def train_reward_model(
         with activation_sharding(mesh):
             return jitted_step(state, shard_batch(batch, mesh))
 
+    shared = stage.share_prompts and backbones.shares_prompts(config)
+    if stage.share_prompts and not shared and ctx.is_main:
+        print(
+            f"[{description}] stage.share_prompts: a {config.family} backbone has no "
+            "shared-prefix rows (a recurrence cannot branch within a row); training on "
+            "unshared pairs",
+            flush=True,
+        )
     return ctx.train(
         place_on_mesh(init_state(params, optimizer, stage.seed), mesh),
         step_fn,
-        BatchIterator(
-            share_prompts(rows) if stage.share_prompts else rows, stage.batch_size, stage.seed
-        ),
+        BatchIterator(share_prompts(rows) if shared else rows, stage.batch_size, stage.seed),
         stage.steps,
         stage.save_every,
         checkpoint_dir=checkpoint_dir,
@@ -221,13 +231,13 @@ def train_reward_model(
 
 
 @functools.cache
-def _jitted_scores(config: ModelConfig):
+def _jitted_scores(config: BackboneConfig):
     # One compiled scorer per model config: members, averages and soups reuse it.
     return jax.jit(lambda p, t, s: reward_scores(config, p, t, s))
 
 
 def score_pairs(
-    config: ModelConfig, params: Params, rows: PreferenceRows, batch_size: int
+    config: BackboneConfig, params: Params, rows: PreferenceRows, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rewards of both sides of every pair."""
     score = _jitted_scores(config)
@@ -259,7 +269,7 @@ def pair_metrics(
 
 
 def evaluate_reward_model(
-    config: ModelConfig, params: Params, splits: PreferenceSplits, batch_size: int
+    config: BackboneConfig, params: Params, splits: PreferenceSplits, batch_size: int
 ) -> dict[str, float]:
     """`pair_metrics` on every split."""
     metrics: dict[str, float] = {}
@@ -270,7 +280,7 @@ def evaluate_reward_model(
 
 
 def save_reward_export(
-    ctx: StageContext, config: ModelConfig, params: Params, directory: Path, tokenizer, preamble
+    ctx: StageContext, config: BackboneConfig, params: Params, directory: Path, tokenizer, preamble
 ) -> str:
     """Write the reward model with its tokenizer and preamble (process 0); returns its path."""
     host = gather_to_host(params)
@@ -321,7 +331,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     return ctx.finish(metrics)
 
 
-def reward_memory(config: ModelConfig, optim: OptimConfig, stage: RewardConfig, mesh):
+def reward_memory(config: BackboneConfig, optim: OptimConfig, stage: RewardConfig, mesh):
     """Per-device memory of reward training: both sides of every pair are a row."""
     from posttrain.train.memory import estimate_training_memory
 

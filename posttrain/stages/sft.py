@@ -26,7 +26,7 @@ from posttrain.data.sft import (
     to_rows,
 )
 from posttrain.losses import masked_nll_sum, sequence_token_log_probs
-from posttrain.models import ModelConfig, init_params, param_logical_axes
+from posttrain.models import BackboneConfig, init_params, param_logical_axes
 from posttrain.sampling import SamplingConfig, sample
 from posttrain.sharding import activation_sharding, place_on_mesh, shard_batch, shard_params
 from posttrain.stages.kit import (
@@ -66,7 +66,7 @@ class SFTConfig:
                 raise ValueError(f"stage.{name} must be >= 0, got {getattr(self, name)}")
 
 
-def sft_loss_terms(config: ModelConfig, chunk_size: int):
+def sft_loss_terms(config: BackboneConfig, chunk_size: int):
     """(params, rows) -> (summed NLL of model-turn targets, their count)."""
 
     def loss_terms(params, rows: Rows):
@@ -114,7 +114,7 @@ def exact_match(
     return float(np.mean(hits)), table
 
 
-def memory_estimate(config: ModelConfig, optim: OptimConfig, stage: SFTConfig, data, mesh):
+def memory_estimate(config: BackboneConfig, optim: OptimConfig, stage: SFTConfig, data, mesh):
     """Per-device memory of this SFT run, from abstract shapes."""
     from posttrain.train.memory import estimate_training_memory
 

@@ -24,7 +24,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from posttrain.checkpoints import load_hf
-from posttrain.models import ModelConfig
+from posttrain.models import BackboneConfig
 from posttrain.rewards.reward_model import init_head, load_reward_model
 from posttrain.rewards.warm import (
     IncompatibleMembersError,
@@ -243,7 +243,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
 
 def _split_metrics(
-    config: ModelConfig, params: Any, splits: PreferenceSplits, batch_size: int, name: str
+    config: BackboneConfig, params: Any, splits: PreferenceSplits, batch_size: int, name: str
 ) -> dict[str, float]:
     out = {}
     for split, (rows, types) in splits.evaluated.items():
@@ -253,7 +253,7 @@ def _split_metrics(
 
 
 def compare_members(
-    config: ModelConfig, member_params: list, splits: PreferenceSplits, batch_size: int
+    config: BackboneConfig, member_params: list, splits: PreferenceSplits, batch_size: int
 ) -> tuple[dict[str, Any], Any]:
     """Metrics of every member, of their uniform weight average and of their ensemble; and
     that average."""

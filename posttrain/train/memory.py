@@ -14,7 +14,7 @@ built. `estimate_training_memory` adds up, per device:
 * frozen trees (reference, anchor, reward model), sharded the same way;
 * activations of one micro-batch, divided over the devices that split the batch, by the rough
   model of `activation_bytes`, and the vocabulary-chunked cross-entropy's logits;
-* an optional decoding KV cache (`kv_cache_bytes`).
+* an optional decoding state (`kv_cache_bytes`: a Gemma KV cache, RecurrentGemma's O(1) state).
 
 XLA's own workspace, temporaries of the optimizer update and fragmentation are not modelled;
 `check_fits` leaves a margin for them (`MEMORY_MARGIN`).
@@ -35,9 +35,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
-from posttrain.models import ModelConfig, abstract_params, param_logical_axes
+from posttrain.models import backbone
 from posttrain.models.attention import local_block
-from posttrain.models.cache import slot_count
+from posttrain.models.backbone import BackboneConfig, abstract_params, param_logical_axes
+from posttrain.models.config import ModelConfig
+from posttrain.models.recurrentgemma import RecurrentGemmaConfig
+from posttrain.models.recurrentgemma.attention import band_block
 from posttrain.sharding import DEFAULT_RULES, MESH_AXES, MeshConfig, logical_to_spec
 
 GIB = 2**30
@@ -190,8 +193,16 @@ def batch_rows_per_device(batch: int, mesh: AbstractMesh) -> int:
     return sharded_bytes(jax.ShapeDtypeStruct((batch,), "int8"), ("act_batch",), mesh)
 
 
-def activation_bytes(config: ModelConfig, rows: int, length: int) -> int:
-    """Bytes saved for the backward pass by `rows` sequences of `length` tokens (a rough model).
+def activation_bytes(config: BackboneConfig, rows: int, length: int) -> int:
+    """Bytes saved for the backward pass by `rows` sequences of `length` tokens (a rough model
+    of the config's family)."""
+    if isinstance(config, ModelConfig):
+        return _transformer_activation_bytes(config, rows, length)
+    return _recurrent_activation_bytes(config, rows, length)
+
+
+def _transformer_activation_bytes(config: ModelConfig, rows: int, length: int) -> int:
+    """Gemma's activations (see `activation_bytes`).
 
     Per layer and token, in the activation dtype: the residual-width tensors (block input, both
     norm outputs, both sub-layer outputs and the mid residual, plus Gemma 2's two post-norm
@@ -231,7 +242,34 @@ def activation_bytes(config: ModelConfig, rows: int, length: int) -> int:
     return rows * length * (saved + backward)
 
 
-def logits_bytes(config: ModelConfig, rows: int, length: int, chunk_size: int) -> int:
+def _recurrent_activation_bytes(config: RecurrentGemmaConfig, rows: int, length: int) -> int:
+    """RecurrentGemma's activations, as `_transformer_activation_bytes` counts Gemma's.
+
+    Per layer and token, in the activation dtype: six residual-width tensors and the MLP's gate,
+    up and product (3f), plus for a recurrent block y, gelu(y), x and the Conv1D output (4l) and
+    in float32 both gates, a, the scaled input, the state and the gated output (6l) and the
+    associative scan's saved levels (about 4l); for an attention block q, k, v, their rotated
+    copies and the output ((3d + 3h)) and the float32 probabilities over the keys a query
+    scores (n x s: a band of 2 x block, or the row). Remat and the backward working set as there.
+    """
+    item = jnp.dtype(config.dtype).itemsize
+    d, lw, f = config.width, config.lru_width, config.mlp_width
+    n, h = config.num_heads, config.head_dim
+    block = band_block(config.visible_keys, length)
+    keys = length if block is None else 2 * block
+    common = (6 * d + 3 * f) * item
+    per_kind = {
+        "recurrent": common + 4 * lw * item + 10 * lw * 4,
+        "attention": common + (3 * d + 3 * h) * item + n * keys * 4,
+    }
+    per_layer = [per_kind[kind] for kind in config.block_types]
+    remat_saved = config.num_layers * d * item + max(per_layer)
+    saved = remat_saved if config.remat else sum(per_layer)
+    backward = n * keys * 4 * 4 + 3 * f * item + 2 * d * item
+    return rows * length * (saved + backward)
+
+
+def logits_bytes(config: BackboneConfig, rows: int, length: int, chunk_size: int) -> int:
     """Bytes of the chunked cross-entropy: one chunk's float32 logits, their exponentials and
     gradient ([tokens, chunk] each), plus the scan's saved running statistics (3 per chunk)."""
     tokens = rows * length
@@ -241,27 +279,23 @@ def logits_bytes(config: ModelConfig, rows: int, length: int, chunk_size: int) -
 
 
 def kv_cache_bytes(
-    config: ModelConfig, batch: int, cache_size: int, dtype: str | None = None
+    config: BackboneConfig, batch: int, cache_size: int, dtype: str | None = None
 ) -> int:
-    """Bytes of `models.init_cache(config, batch, cache_size, dtype)`: keys and values of
-    [batch, slots, k, h] per layer (local layers keep only their window), the int32 slot
-    positions and the time index."""
-    item = jnp.dtype(dtype or config.dtype).itemsize
-    slots = sum(slot_count(config, a, cache_size) for a in config.layer_types)
-    kv = batch * slots * config.num_kv_heads * config.head_dim * 2 * item
-    local = slot_count(config, "local", cache_size) if config.sliding_window else 0
-    return kv + batch * (cache_size + local) * 4 + 4
+    """Bytes of the backbone's decoding state for `batch` rows of up to `cache_size` tokens
+    (`backbone.init_state`): Gemma's keys and values per layer (local layers keep only their
+    window) with the slot positions, or RecurrentGemma's fixed-size state."""
+    return tree_bytes(backbone.abstract_state(config, batch, cache_size, dtype))
 
 
 @functools.cache
-def _policy_shapes(config: ModelConfig) -> tuple[Any, dict[tuple[str, ...], tuple[Any, tuple]]]:
+def _policy_shapes(config: BackboneConfig) -> tuple[Any, dict[tuple[str, ...], tuple[Any, tuple]]]:
     # Tracing a 2B model's init takes about a second; the shapes of a config never change.
     params = abstract_params(config)
     return params, _leaf_axes(params, param_logical_axes(config))
 
 
 def estimate_training_memory(
-    config: ModelConfig,
+    config: BackboneConfig,
     optimizer: optax.GradientTransformation,
     batch_size: int,
     length: int,
@@ -321,7 +355,7 @@ def estimate_training_memory(
 
 
 def estimate_inference_memory(
-    config: ModelConfig,
+    config: BackboneConfig,
     batch_size: int,
     cache_size: int,
     mesh: MeshConfig | Mesh | AbstractMesh | None = None,

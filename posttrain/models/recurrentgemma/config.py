@@ -52,8 +52,12 @@ class RecurrentGemmaConfig:
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"
     remat: bool = False  # rematerialise each block in the backward pass
+    # Names the family in a `model=` config node, as ModelConfig.family does for Gemma.
+    family: Literal["recurrentgemma"] = "recurrentgemma"
 
     def __post_init__(self) -> None:
+        if self.family != "recurrentgemma":
+            raise ValueError(f"family must be 'recurrentgemma', got {self.family!r}")
         for name in ("num_layers", "width", "num_heads", "lru_width", "mlp_width", "vocab_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
