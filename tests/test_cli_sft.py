@@ -125,8 +125,10 @@ def test_dry_run_allocates_nothing_and_reports(tmp_path):
     cmd = [sys.executable, "-m", "posttrain.cli", "stage=sft", "model=gemma2_9b", "dry_run=true"]
     result = run([*cmd, f"hydra.run.dir={tmp_path / 'dry'}"])
     assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "dry" / "metrics.json").read_text())
+    # The report is dry_run.json: a metrics.json would mark a finished stage to a recipe.
+    metrics = json.loads((tmp_path / "dry" / "dry_run.json").read_text())
     assert metrics["parameters"] == 917_962_752 + 8_324_201_984
+    assert not (tmp_path / "dry" / "metrics.json").exists()
 
 
 @pytest.mark.slow
