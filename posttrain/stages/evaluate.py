@@ -169,8 +169,9 @@ def _decode(
                     (out.tokens, out.lengths, out.model_log_probs)
                 )
                 if decoding == "sampled" and reference is not None:
-                    replies.kl += _kl(stage, config, reference, padded, per_prompt, tokens, lengths,
-                                      model_log_probs, width)[: len(batch) * per_prompt]  # fmt: skip
+                    kl = _kl(stage, config, reference, padded, per_prompt, tokens, lengths,
+                             model_log_probs, width)  # fmt: skip
+                    replies.kl += kl[: len(batch) * per_prompt]
             texts = decode_responses(tokenizer, tokens, lengths, STOP_IDS)
             replies.texts += texts[: len(batch) * per_prompt]
             bar.update(len(batch))
