@@ -314,18 +314,35 @@ def params_to_hf_tensors(config: ModelConfig, params: Params, dtype: str) -> dic
     return {name: np.ascontiguousarray(a, dtype=np_dtype) for name, a in out.items()}
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    config_path = directory / "config.json"
+def read_hf_config(directory: str | Path) -> dict[str, Any]:
+    """A Hugging Face directory's config.json, or a CheckpointError naming the missing file."""
+    config_path = Path(directory) / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{config_path} not found")
     return json.loads(config_path.read_text())
+
+
+def write_hf_directory(
+    directory: str | Path, tensors: dict[str, np.ndarray], config: dict[str, Any]
+) -> Path:
+    """Write `model.safetensors` and `config.json` through temporary names and renames, so a
+    crash never leaves a half-written checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp_weights = directory / "model.safetensors.tmp"
+    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
+    tmp_config = directory / "config.json.tmp"
+    tmp_config.write_text(json.dumps(config, indent=2))
+    tmp_weights.replace(directory / "model.safetensors")
+    tmp_config.replace(directory / "config.json")
+    return directory
 
 
 def load_hf(directory: str | Path, dtype: str | None = None) -> tuple[BackboneConfig, Params]:
     """Load a Hugging Face directory of any family (its config.json's `model_type` says which)
     into (config, params)."""
     directory = Path(directory)
-    return _backbone_for(_read_config(directory)).load_hf(directory, dtype)
+    return _backbone_for(read_hf_config(directory)).load_hf(directory, dtype)
 
 
 def save_hf(
@@ -338,7 +355,7 @@ def save_hf(
 def load_gemma_hf(directory: str | Path, dtype: str | None = None) -> tuple[ModelConfig, Params]:
     """Load a Hugging Face Gemma / Gemma 2 directory into (config, params)."""
     directory = Path(directory)
-    config = gemma_config_from_hf(_read_config(directory), dtype)
+    config = gemma_config_from_hf(read_hf_config(directory), dtype)
     params = params_from_hf_tensors(config, dict(read_safetensors(directory)))
     return config, params
 
@@ -347,15 +364,6 @@ def save_gemma_hf(
     config: ModelConfig, params: Params, directory: str | Path, dtype: str | None = None
 ) -> Path:
     """Write a Gemma / Gemma 2 `config.json` and `model.safetensors` that transformers loads."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or config.param_dtype
     tensors = params_to_hf_tensors(config, params, dtype)
-    # Write to temporary names and rename, so a crash never leaves a half-written checkpoint.
-    tmp_weights = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    tmp_config = directory / "config.json.tmp"
-    tmp_config.write_text(json.dumps(gemma_config_to_hf(config, dtype), indent=2))
-    tmp_weights.replace(directory / "model.safetensors")
-    tmp_config.replace(directory / "config.json")
-    return directory
+    return write_hf_directory(directory, tensors, gemma_config_to_hf(config, dtype))

@@ -10,16 +10,19 @@ loading picks the semantics, "official" unless told otherwise).
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors.numpy import save_file
 
-from posttrain.checkpoints.huggingface import CheckpointError, read_safetensors
+from posttrain.checkpoints.huggingface import (
+    CheckpointError,
+    read_hf_config,
+    read_safetensors,
+    write_hf_directory,
+)
 from posttrain.models.recurrentgemma.config import RecurrentGemmaConfig, WindowSemantics
 
 Params = dict[str, Any]
@@ -298,11 +301,7 @@ def load_hf(
     directory: str | Path, window_semantics: WindowSemantics = "official", dtype: str | None = None
 ) -> tuple[RecurrentGemmaConfig, Params]:
     """Load a Hugging Face RecurrentGemma directory into (config, params)."""
-    directory = Path(directory)
-    config_path = directory / "config.json"
-    if not config_path.exists():
-        raise CheckpointError(f"{config_path} not found")
-    config = config_from_hf(json.loads(config_path.read_text()), window_semantics, dtype)
+    config = config_from_hf(read_hf_config(directory), window_semantics, dtype)
     return config, params_from_hf_tensors(config, dict(read_safetensors(directory)))
 
 
@@ -310,15 +309,6 @@ def save_hf(
     config: RecurrentGemmaConfig, params: Params, directory: str | Path, dtype: str | None = None
 ) -> Path:
     """Write `config.json` and `model.safetensors` that transformers loads."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     dtype = dtype or config.param_dtype
     tensors = params_to_hf_tensors(config, params, dtype)
-    # Temporary names, then renames: a crash never leaves a half-written checkpoint.
-    tmp_weights = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp_weights), metadata={"format": "pt"})
-    tmp_config = directory / "config.json.tmp"
-    tmp_config.write_text(json.dumps(config_to_hf(config, dtype), indent=2))
-    tmp_weights.replace(directory / "model.safetensors")
-    tmp_config.replace(directory / "config.json")
-    return directory
+    return write_hf_directory(directory, tensors, config_to_hf(config, dtype))
