@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -19,6 +20,38 @@ def median_seconds(run: Callable[[], object], iters: int, warmup: int = 1) -> fl
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def host_busy_ticks() -> int:
+    """Busy clock ticks of the whole host over all CPUs (user, nice, system, irq, softirq, steal)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]
+
+
+def own_ticks() -> int:
+    """User + system clock ticks of this process, all threads."""
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def time_steps(step: Callable[[], object], iters: int, warmup: int = 2) -> dict[str, float]:
+    """Median/min/max seconds of `step` after warm-up, and the CPU share others used meanwhile."""
+    for _ in range(warmup):
+        step()
+    busy, own, began = host_busy_ticks(), own_ticks(), time.perf_counter()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    capacity = (time.perf_counter() - began) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    elsewhere = (host_busy_ticks() - busy) - (own_ticks() - own)
+    return dict(
+        seconds=statistics.median(times),
+        fastest=min(times),
+        slowest=max(times),
+        busy_elsewhere=max(0.0, elsewhere / capacity),
+    )
 
 
 def reuse_host_memory() -> None:

@@ -5,7 +5,7 @@ from pathlib import Path
 from posttrain.checkpoints.huggingface import CheckpointError, load_hf, save_hf
 from posttrain.checkpoints.official import load_official, save_official
 from posttrain.models.backbone import BackboneConfig
-from posttrain.models.config import ModelConfig
+from posttrain.models.interface import Params
 from posttrain.models.model import Model
 
 
@@ -15,19 +15,15 @@ def load_hf_model(directory: str | Path, dtype: str | None = None) -> Model:
     return Model(config, params)
 
 
-def load_policy(path: str | Path, config: BackboneConfig):
+def load_policy(path: str | Path, config: BackboneConfig) -> tuple[BackboneConfig, Params]:
     """(config, params) of a Hugging Face directory (its config.json rules), or of an official
-    Orbax checkpoint (which has no config: `config`, the `model=` preset, gives its shape)."""
+    Orbax checkpoint of Gemma or RecurrentGemma (which has no config: `config`, the `model=`
+    preset, gives its family and shape, and is checked against the tree)."""
     if (Path(path) / "config.json").exists():
         return load_hf(path)
     if not Path(path).is_dir():
         raise CheckpointError(
             f"{path}: neither a Hugging Face directory (config.json) nor an Orbax checkpoint"
-        )
-    if not isinstance(config, ModelConfig):
-        raise CheckpointError(
-            f"{path}: official Orbax checkpoints are read for Gemma only; give a "
-            f"{config.family} checkpoint as a Hugging Face directory"
         )
     return load_official(path, config)
 

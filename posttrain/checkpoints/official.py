@@ -1,6 +1,9 @@
-"""The official Gemma Flax/Orbax parameter tree (google-deepmind/gemma): load and write.
+"""Official Flax/Orbax checkpoints: `load_official` / `save_official` of any backbone family
+(dispatched through `posttrain.models.backbone`, RecurrentGemma's format being
+`posttrain.models.recurrentgemma.official`), the Orbax restore they share, and the Gemma
+parameter tree (google-deepmind/gemma) itself.
 
-On disk it is an Orbax PyTree whose keys are '/'-joined module paths
+A Gemma checkpoint is an Orbax PyTree whose keys are '/'-joined module paths
 (`transformer/layer_0/attn/q_einsum` -> {'w': ...}). Our tree is the same graph without the
 `transformer/` prefix, with the MLP weights as bare arrays and the gating weight always in the
 [2, d, f] layout; Gemma 2 9B/27B store it as [2, f, d] (`transpose_gating_einsum`). Embedding
@@ -12,6 +15,8 @@ mesh loads on whatever devices this process has.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from posttrain.checkpoints.huggingface import CheckpointError
+from posttrain.models.backbone import BackboneConfig, backbone_of
 from posttrain.models.config import ModelConfig
 from posttrain.models.transformer import abstract_params
 
@@ -145,14 +151,15 @@ def params_to_official(
     return out
 
 
-def load_official(
-    path: str | Path, config: ModelConfig, sharding: jax.sharding.Sharding | None = None
-) -> tuple[ModelConfig, Params]:
-    """Restore an official Orbax checkpoint for a model of `config`'s shape.
-
-    Every array is read as `config.param_dtype` onto `sharding` (default: this process's first
-    device), whatever mesh wrote it; `posttrain.sharding.shard_params` lays it out further.
-    """
+def restore_orbax_tree(
+    path: str | Path,
+    dtype: Any,
+    sharding: jax.sharding.Sharding | None,
+    check: Callable[[Any], object],
+) -> Any:
+    """Restore an Orbax PyTree with every array read as `dtype` onto `sharding` (default: this
+    process's first device), whatever mesh wrote it, after `check` has passed the saved tree
+    as shape/dtype structs: a wrong tree fails before any array is read. Never unpickles."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -164,29 +171,56 @@ def load_official(
     metadata = checkpointer.metadata(path).item_metadata
     if metadata is None:
         raise CheckpointError(f"official checkpoint {path} has no Orbax tree metadata")
-    dtype = jnp.dtype(config.param_dtype)
-    # Names and shapes are checked on the metadata first, so a wrong tree fails before any read.
-    params_from_official(
-        jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), metadata.tree), config
-    )
+    dtype = jnp.dtype(dtype)
+    check(jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype), metadata.tree))
     # Without targets Orbax looks for the saver's devices and fails on any other device set.
     # The target dtype makes it cast while reading: no float32 copy of a bfloat16 model.
     targets = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=sharding), metadata.tree
     )
     restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
-    restored = checkpointer.restore(
+    return checkpointer.restore(
         path, args=ocp.args.PyTreeRestore(item=targets, restore_args=restore_args)
     )
-    return params_from_official(restored, config)
 
 
-def save_official(
+def load_gemma_official(
+    path: str | Path, config: ModelConfig, sharding: jax.sharding.Sharding | None = None
+) -> tuple[ModelConfig, Params]:
+    """Restore an official Gemma Orbax checkpoint for a model of `config`'s shape."""
+    check = functools.partial(params_from_official, config=config)
+    return params_from_official(
+        restore_orbax_tree(path, config.param_dtype, sharding, check), config
+    )
+
+
+def save_gemma_official(
     params: Params, config: ModelConfig, path: str | Path, transpose_gating: bool = False
 ) -> Path:
-    """Write our params as an official-layout Orbax checkpoint."""
+    """Write our Gemma params as an official-layout Orbax checkpoint."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
     ocp.PyTreeCheckpointer().save(path, params_to_official(params, config, transpose_gating))
     return path
+
+
+def load_official(
+    path: str | Path, config: BackboneConfig, sharding: jax.sharding.Sharding | None = None
+) -> tuple[BackboneConfig, Params]:
+    """Restore an official Orbax checkpoint (Gemma or RecurrentGemma, as `config` says) for a
+    model of `config`'s shape.
+
+    Every array is read as `config.param_dtype` onto `sharding` (default: this process's first
+    device), whatever mesh wrote it; `posttrain.sharding.shard_params` lays it out further.
+    """
+    return backbone_of(config).load_official(config, Path(path), sharding)
+
+
+def save_official(
+    params: Params, config: BackboneConfig, path: str | Path, transpose_gating: bool = False
+) -> Path:
+    """Write our params as an official-layout Orbax checkpoint of `config`'s family
+    (`transpose_gating`: Gemma 2 9B/27B's [2, f, d] MLP layout; Gemma only)."""
+    options = {"transpose_gating": True} if transpose_gating else {}
+    return backbone_of(config).save_official(config, params, Path(path), **options)

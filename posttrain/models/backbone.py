@@ -116,6 +116,16 @@ class _GemmaBackbone(Backbone):
 
         return huggingface.save_gemma_hf(config, params, directory, dtype)
 
+    def load_official(self, config, path, sharding=None):
+        from posttrain.checkpoints import official
+
+        return official.load_gemma_official(path, config, sharding)
+
+    def save_official(self, config, params, path, **options):
+        from posttrain.checkpoints import official
+
+        return official.save_gemma_official(params, config, path, **options)
+
 
 class _RecurrentGemmaBackbone(Backbone):
     """RecurrentGemma (Griffin): `posttrain.models.recurrentgemma`.
@@ -179,6 +189,18 @@ class _RecurrentGemmaBackbone(Backbone):
         from posttrain.models.recurrentgemma import huggingface
 
         return huggingface.save_hf(config, params, directory, dtype)
+
+    def load_official(self, config, path, sharding=None):
+        from posttrain.models.recurrentgemma import official
+
+        return official.load_official(path, config, sharding)
+
+    def save_official(self, config, params, path, **options):
+        from posttrain.models.recurrentgemma import official
+
+        if options:
+            raise TypeError(f"RecurrentGemma's official layout has no options {sorted(options)}")
+        return official.save_official(params, config, path)
 
 
 BACKBONES: tuple[Backbone, ...] = (_GemmaBackbone(), _RecurrentGemmaBackbone())

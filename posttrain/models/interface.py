@@ -145,3 +145,14 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def save_hf(self, config: Any, params: Params, directory: Path, dtype: str | None) -> Path:
         """Write `config.json` and `model.safetensors` that transformers loads."""
+
+    @abc.abstractmethod
+    def load_official(
+        self, config: Any, path: Path, sharding: jax.sharding.Sharding | None = None
+    ) -> tuple[Any, Params]:
+        """(config, params) of an official Orbax checkpoint, which holds no config: `config`
+        gives its shape, and the tree is checked against it before any array is read."""
+
+    @abc.abstractmethod
+    def save_official(self, config: Any, params: Params, path: Path, **options: Any) -> Path:
+        """Write an official-layout Orbax checkpoint (`options`: the family's layout switches)."""

@@ -24,11 +24,9 @@ import datetime
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,7 @@ import transformers
 
 # Scripts run by path: make `experiments.bench.common` importable from the repository root.
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from experiments.bench.common import prepend_results
+from experiments.bench.common import prepend_results, time_steps
 from posttrain.checkpoints import save_hf
 from posttrain.models import ModelConfig, abstract_params, forward, get_preset, init_params
 
@@ -88,41 +86,6 @@ KNOBS = (
     Knob("`jax_default_matmul_precision=bfloat16`", precision="bfloat16"),
     Knob("one core (CPU affinity {0})", one_core=True),
 )
-
-
-# Timing on a possibly shared host.
-
-
-def _host_busy_ticks() -> int:
-    """Busy clock ticks of the whole host over all CPUs (user, nice, system, irq, softirq, steal)."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[0] + fields[1] + fields[2] + fields[5] + fields[6] + fields[7]
-
-
-def _own_ticks() -> int:
-    """User + system clock ticks of this process, all threads."""
-    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def time_steps(step: Callable[[], object], iters: int, warmup: int = 2) -> dict[str, float]:
-    """Median/min/max seconds of `step` after warm-up, and the CPU share others used meanwhile."""
-    for _ in range(warmup):
-        step()
-    busy, own, began = _host_busy_ticks(), _own_ticks(), time.perf_counter()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    capacity = (time.perf_counter() - began) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-    elsewhere = (_host_busy_ticks() - busy) - (_own_ticks() - own)
-    return dict(
-        seconds=statistics.median(times),
-        fastest=min(times),
-        slowest=max(times),
-        busy_elsewhere=max(0.0, elsewhere / capacity),
-    )
 
 
 def matmul_peak(iters: int) -> tuple[float, int]:

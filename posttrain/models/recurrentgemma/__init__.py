@@ -1,5 +1,5 @@
 """RecurrentGemma (Griffin): configuration, presets, the decoder, its decoding state, and the
-Hugging Face checkpoint format."""
+Hugging Face (`huggingface`) and official Orbax (`official`) checkpoint formats."""
 
 from posttrain.models.recurrentgemma.config import PRESETS, RecurrentGemmaConfig, get_preset
 from posttrain.models.recurrentgemma.model import (

@@ -3,8 +3,10 @@
 Reads `config.json` and safetensors only (never pickles). The tensor mapping is
 `shared/design/backbone.md` §3.4. Two HF conventions to undo: `intermediate_size` is twice the
 MLP branch width, and `attention_window_size` counts the keys a query sees itself included,
-where the checkpoints were trained seeing one more (see `RecurrentGemmaConfig.window_semantics`;
-loading picks the semantics, "official" unless told otherwise).
+where the checkpoints were trained seeing one more (see `RecurrentGemmaConfig.window_semantics`).
+Export records the semantics in config.json under `posttrain_window_semantics` (transformers
+ignores the unknown key) and loading reads it back; a directory without it (one transformers
+wrote) loads as "official" unless told otherwise.
 """
 
 from __future__ import annotations
@@ -29,12 +31,15 @@ Params = dict[str, Any]
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 _TANH_GELUS = ("gelu_pytorch_tanh", "gelu_tanh")
+# Our own config.json key: which window semantics the exported weights were trained with.
+WINDOW_SEMANTICS_KEY = "posttrain_window_semantics"
 
 
 def config_from_hf(
-    hf: dict[str, Any], window_semantics: WindowSemantics = "official", dtype: str | None = None
+    hf: dict[str, Any], window_semantics: WindowSemantics | None = None, dtype: str | None = None
 ) -> RecurrentGemmaConfig:
-    """Translate a transformers RecurrentGemma `config.json` dict."""
+    """Translate a transformers RecurrentGemma `config.json` dict (`window_semantics`: None
+    reads the exported key, "official" without one)."""
     if hf.get("model_type") != "recurrent_gemma":
         raise CheckpointError(
             f"config.json model_type={hf.get('model_type')!r}, expected 'recurrent_gemma'"
@@ -69,6 +74,13 @@ def config_from_hf(
     stored_dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
     dtype = dtype or (stored_dtype if stored_dtype in _NP_DTYPES else "float32")
     cap = hf.get("logits_soft_cap", 30.0)
+    if window_semantics is None:
+        window_semantics = hf.get(WINDOW_SEMANTICS_KEY, "official")
+        if window_semantics not in ("official", "hf"):
+            raise CheckpointError(
+                f"config.json {WINDOW_SEMANTICS_KEY}={window_semantics!r}, expected "
+                "'official' or 'hf'"
+            )
     return RecurrentGemmaConfig(
         num_layers=hf["num_hidden_layers"],
         width=hf["hidden_size"],
@@ -92,7 +104,8 @@ def config_from_hf(
 
 
 def config_to_hf(config: RecurrentGemmaConfig, dtype: str) -> dict[str, Any]:
-    """A transformers `config.json` dict (the window is written as configured: W)."""
+    """A transformers `config.json` dict (the window is written as configured: W, and its
+    semantics under our own key)."""
     if not config.scale_embeddings:
         raise CheckpointError("transformers always scales the embeddings by sqrt(width)")
     rope = {
@@ -113,6 +126,7 @@ def config_to_hf(config: RecurrentGemmaConfig, dtype: str) -> dict[str, Any]:
         vocab_size=config.vocab_size,
         conv1d_width=config.conv_width,
         attention_window_size=config.attention_window,
+        **{WINDOW_SEMANTICS_KEY: config.window_semantics},
         block_types=list(config.block_pattern),
         logits_soft_cap=config.logit_softcap or 0.0,
         rms_norm_eps=config.norm_eps,
@@ -298,9 +312,12 @@ def params_to_hf_tensors(
 
 
 def load_hf(
-    directory: str | Path, window_semantics: WindowSemantics = "official", dtype: str | None = None
+    directory: str | Path,
+    window_semantics: WindowSemantics | None = None,
+    dtype: str | None = None,
 ) -> tuple[RecurrentGemmaConfig, Params]:
-    """Load a Hugging Face RecurrentGemma directory into (config, params)."""
+    """Load a Hugging Face RecurrentGemma directory into (config, params) (`window_semantics`
+    as `config_from_hf` picks it)."""
     config = config_from_hf(read_hf_config(directory), window_semantics, dtype)
     return config, params_from_hf_tensors(config, dict(read_safetensors(directory)))
 
