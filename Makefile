@@ -7,12 +7,14 @@ BIN := $(VENV)/bin
 
 # constraints.txt pins every package to the versions experiments/*/results were made with, so a
 # fresh machine months later installs the same set (`make lock` rewrites it from .venv).
-$(BIN)/.installed: pyproject.toml constraints.txt
+$(BIN)/.installed: pyproject.toml constraints.txt reference-packages.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned, so the CPU wheel on this machine's find-links is used, not a CUDA one.
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
+	# Parity references whose version pins conflict with ours (see the file): no dependency resolution.
+	$(BIN)/pip install -q --no-deps -r reference-packages.txt
 	touch $@
 
 # The flagship: the tiny Gemma 2 JPN language-error fix (recipes/jpn_language_fix_tiny.yaml),
@@ -23,7 +25,8 @@ demo: $(BIN)/.installed
 
 lock: $(BIN)/.installed
 	# Local version labels (+cpu) dropped: ==2.13.0 matches the CPU wheel and the plain one.
-	$(BIN)/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' > constraints.txt
+	$(BIN)/pip freeze --exclude-editable | sed -E 's/\+[a-z0-9.]+$$//' \
+		| grep -v -i -x -F -f reference-packages.txt > constraints.txt
 
 test: $(BIN)/.installed
 	# Two workers (one per core here); a test file stays on one worker, so its module fixtures

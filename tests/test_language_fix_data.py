@@ -97,3 +97,16 @@ def test_bad_settings_name_the_culprit():
         language_fix.prompt_rows(10, mix={"klingon": 1.0})
     with pytest.raises(ValueError, match="unknown task kind"):
         draw_kind(random.Random(0), "poetry")
+
+
+def test_rl_prompt_mix_sets_the_segment_shares(tmp_path):
+    from posttrain.stages.synthetic import SyntheticConfig
+
+    mix = {"japanese_challenging": 0.8, "override": 0.2}
+    rows = language_fix.prompt_rows(2000, seed=1, mix=mix)
+    share = np.mean([r["segment"] == "japanese_challenging" for r in rows])
+    assert abs(share - 0.8) < 3 * np.sqrt(0.16 / 2000)
+    assert {r["segment"] for r in rows} == set(mix)
+    default = language_fix.prompt_rows(2000, seed=1)
+    assert {r["segment"] for r in default} == set(language_fix.RL_MIX)
+    assert SyntheticConfig(task="language_fix", rl_prompt_mix=mix).rl_prompt_mix == mix

@@ -179,3 +179,18 @@ def test_preamble_reward_model_learns_the_language_criterion(tmp_path):
     results = run_experiment(tmp_path, steps=300, seed=0)
     failed = [name for name, ok in gates(results).items() if not ok]
     assert not failed, (failed, results)
+
+
+def test_train_metrics_score_an_even_spread_of_the_training_pairs():
+    from posttrain.data.preferences import PreferenceRows
+    from posttrain.stages.reward import _metric_subset
+
+    ids = np.arange(10)[:, None] * np.ones((1, 3), np.int32)
+    rows = PreferenceRows(ids, ids, ids + 100, ids, np.zeros(10), np.ones(10))
+    types = [f"t{i}" for i in range(10)]
+    subset, subset_types = _metric_subset(rows, types, 4)
+    assert subset.chosen[:, 0].tolist() == [0, 3, 6, 9]
+    assert subset.rejected[:, 0].tolist() == [100, 103, 106, 109]
+    assert subset_types == ["t0", "t3", "t6", "t9"]
+    for everything in (0, 10, 50):
+        assert _metric_subset(rows, types, everything)[0].chosen.shape == (10, 3)

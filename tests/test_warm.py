@@ -155,3 +155,55 @@ def test_warm_stage_reports_members_average_and_ensemble(assets, tmp_path):
     # A rerun finds every member finished and only averages again.
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert rerun.returncode == 0 and "member0:" not in rerun.stderr
+
+
+@pytest.mark.slow
+def test_members_fork_from_a_trained_trunk(assets, tmp_path):
+    # At a near-zero member learning rate every member equals the trunk it forked from, and the
+    # trunk has moved away from the SFT start: members start from the trunk, not from SFT.
+    root = assets
+    command = [
+        sys.executable, "-m", "posttrain.cli", "stage=warm",
+        f"stage.init_checkpoints={root / 'sft'}", f"stage.tokenizer={root / 'tok.model'}",
+        f"stage.train={root / 'train.jsonl'}", f"stage.eval={root / 'eval.jsonl'}",
+        "stage.members=2", "stage.steps=5", "stage.learning_rates=[1e-9]",
+        "stage.trunk_steps=20", "stage.trunk_learning_rate=2e-3", "stage.share_data_order=true",
+        "stage.max_length=96", "logger=disabled", f"hydra.run.dir={tmp_path}",
+    ]  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": ""}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert "| trunk |" in result.stdout
+    assert 0.0 <= metrics["trunk_eval_accuracy"] <= 1.0
+    _, trunk = load_reward_model(metrics["trunk"])
+    trunk_info = json.loads((Path(metrics["trunk"]) / "member.json").read_text())
+    assert trunk_info["steps"] == 20 and trunk_info["lr"] == 2e-3
+    from posttrain.checkpoints import load_hf
+
+    _, sft = load_hf(root / "sft")
+    moved = max(
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(trunk["backbone"]), jax.tree.leaves(sft), strict=True)
+    )
+    assert moved > 1e-2
+    for path in metrics["members"]:
+        _, member = load_reward_model(path)
+        for got, want in zip(jax.tree.leaves(member), jax.tree.leaves(trunk), strict=True):
+            np.testing.assert_allclose(got, want, atol=1e-6)
+    infos = [json.loads((Path(p) / "member.json").read_text()) for p in metrics["members"]]
+    assert [i["seed"] for i in infos] == [0, 0]  # share_data_order: one data order
+    # One step axis: the members' steps follow the trunk's.
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    member_steps = [r["step"] for r in rows if r.get("member") == "member0" and "step" in r]
+    assert member_steps and min(member_steps) > 20
+
+
+def test_trunk_refuses_several_start_checkpoints():
+    from posttrain.stages.warm import WarmConfig
+
+    node = {"init_checkpoints": ["a", "b"], "train": "t.jsonl", "trunk_steps": 10}
+    with pytest.raises(ValueError, match="trunk_steps"):
+        WarmConfig.from_node(node)
+    with pytest.raises(ValueError, match="trunk_steps must be >= 0"):
+        WarmConfig.from_node({"init_checkpoints": "a", "train": "t.jsonl", "trunk_steps": -1})

@@ -116,15 +116,14 @@ def evaluation_prompts(num_rows: int, seed: int = 0) -> list[dict]:
 def _wrong_content(rng: random.Random, task: Task, language: str) -> str:
     """A fluent reply in `language` that answers something else: mostly the same kind of task
     with other fill-ins (so the reward model learns the content, not just the reply's shape),
-    else another kind, or a refusal."""
+    else a task of any other kind, or a refusal. Other kinds include the ordinary ones for a
+    challenging prompt: RL otherwise finds a fluent off-topic reply the reward model never saw
+    rejected ("Chrome とは何ですか？" -> "タイの首都はバンコクです。")."""
     roll = rng.random()
     if roll < 0.15:
         return _REFUSALS[language]
     for _ in range(100):
-        if roll < 0.8:
-            other = draw_kind(rng, task.kind)
-        else:
-            other = draw_task(rng, challenging=task.challenging)
+        other = draw_kind(rng, task.kind) if roll < 0.7 else draw_task(rng)
         if other.answer[language] != task.answer[language]:
             return other.reply[language]
     raise RuntimeError(f"no different {task.kind} task drawn in 100 tries")

@@ -69,6 +69,9 @@ class RewardConfig:
     # Train on each pair's common prefix once: same rewards, fewer tokens. Attention-only
     # backbones; a RecurrentGemma reward model trains on unshared pairs (and says so).
     share_prompts: bool = True
+    # The train_* metrics score this many training pairs, spread evenly over the file (0: all):
+    # scoring every pair of a large set several times costs more than the training.
+    train_metric_pairs: int = 2048
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -77,6 +80,10 @@ class RewardConfig:
                 raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
             raise ValueError(f"stage.save_every must be >= 0, got {self.save_every}")
+        if self.train_metric_pairs < 0:
+            raise ValueError(
+                f"stage.train_metric_pairs must be >= 0, got {self.train_metric_pairs}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"stage.dropout must be in [0, 1), got {self.dropout}")
         if self.center_coefficient < 0:
@@ -116,11 +123,22 @@ def load_preference_splits(
     train, stats = build(stage.train)
     if len(train.chosen) < min_pairs:
         raise ValueError(f"{stage.train}: {len(train.chosen)} pairs < batch size {min_pairs}")
-    evaluated = {"train": (train, stats.pair_types)}
+    evaluated = {"train": _metric_subset(train, stats.pair_types, stage.train_metric_pairs)}
     if stage.eval:
         rows, eval_stats = build(stage.eval)
         evaluated["eval"] = (rows, eval_stats.pair_types)
     return PreferenceSplits(train, stats, evaluated)
+
+
+def _metric_subset(
+    rows: PreferenceRows, pair_types: list[str], pairs: int
+) -> tuple[PreferenceRows, list[str]]:
+    """`pairs` rows spread evenly over `rows` (all of them when pairs is 0 or covers them)."""
+    total = len(rows.chosen)
+    if not pairs or pairs >= total:
+        return rows, pair_types
+    index = np.linspace(0, total - 1, pairs).round().astype(int)
+    return PreferenceRows(*(np.asarray(a)[index] for a in rows)), [pair_types[i] for i in index]
 
 
 def probe_head(

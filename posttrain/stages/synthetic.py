@@ -45,6 +45,9 @@ class SyntheticConfig:
         0.3  # language_fix: SFT replies in English to challenging JA prompts
     )
     rl_prompts: int = 1000  # language_fix: the RL prompt set
+    # language_fix: segment shares of the RL prompt set (default language_fix.RL_MIX), e.g.
+    # {english: 0.05, japanese: 0.05, japanese_challenging: 0.8, override: 0.1}
+    rl_prompt_mix: dict[str, float] | None = None
     eval_prompts: int = 256  # language_fix: challenging Japanese prompts for evaluation
     seed: int = 0
 
@@ -93,7 +96,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         evaluation = language_fix.sft_rows(
             stage.eval_rows, stage.seed + 1, stage.english_reply_rate
         )
-        prompts = language_fix.prompt_rows(stage.rl_prompts, stage.seed + 2)
+        prompts = language_fix.prompt_rows(stage.rl_prompts, stage.seed + 2, stage.rl_prompt_mix)
         extra["eval_prompts"] = language_fix.evaluation_prompts(stage.eval_prompts, stage.seed + 3)
         pairs = language_fix.preference_rows(stage.preference_pairs, stage.seed + 4)
         held_out_pairs = language_fix.preference_rows(

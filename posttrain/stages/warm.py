@@ -1,12 +1,14 @@
 """The `warm` stage: M Bradley-Terry reward models from one start, averaged weight by weight.
 
 Every member starts from an SFT checkpoint (one shared, or several along one SFT run, WARM's
-"Baklava") and one linear-probed head shared by all; members differ by seed and data order
-and by a learning rate and dropout taken in turn from the config's lists. The stage refuses
-members whose parameter trees or tokenizers differ, then writes the uniform average (or a
-greedy soup) as `<run_dir>/reward_model/` and reports each member, the weight average and
-the prediction ensemble (mean of member rewards) side by side. Members are trained one after
-another, each in `members/<i>/`, so an interrupted stage resumes at the member it was in.
+"Baklava") and one linear-probed head shared by all, or from one reward model trained first
+for `trunk_steps` (the trunk); members differ by seed and data order (unless
+`share_data_order`) and by a learning rate and dropout taken in turn from the config's lists.
+The stage refuses members whose parameter trees or tokenizers differ, then writes the uniform
+average (or a greedy soup) as `<run_dir>/reward_model/` and reports the trunk, each member, the
+weight average and the prediction ensemble (mean of member rewards) side by side. The trunk and
+the members are trained one after another, each in its own directory (`trunk/`,
+`members/<i>/`), so an interrupted stage resumes at the one it was in.
 """
 
 from __future__ import annotations
@@ -65,6 +67,14 @@ class WarmConfig:
     learning_rates: list[float] = dataclasses.field(default_factory=lambda: [1e-5, 4e-5, 1e-4])
     dropouts: list[float] = dataclasses.field(default_factory=lambda: [0.05, 0.1])
     average: str = "uniform"  # or "greedy": members join best-first while eval accuracy holds
+    # One data order for every member, so they differ by learning rate (and dropout) only:
+    # members of a small model drift apart fast, and a shared order keeps them averageable.
+    share_data_order: bool = False
+    # Steps of one reward model trained first, that every member then starts from (0: none).
+    # A shared trained start keeps members in one basin when the SFT start alone does not
+    # (forks after early training are linearly connected: Frankle et al., 2020).
+    trunk_steps: int = 0
+    trunk_learning_rate: float | None = None  # default: learning_rates[0]
 
     def __post_init__(self) -> None:
         if self.members < 1:
@@ -77,6 +87,17 @@ class WarmConfig:
             raise ValueError("stage.learning_rates and stage.dropouts need at least one value")
         if any(lr <= 0 for lr in self.learning_rates):
             raise ValueError(f"stage.learning_rates must be positive, got {self.learning_rates}")
+        if self.trunk_learning_rate is not None and self.trunk_learning_rate <= 0:
+            raise ValueError(
+                f"stage.trunk_learning_rate must be positive, got {self.trunk_learning_rate}"
+            )
+        if self.trunk_steps < 0:
+            raise ValueError(f"stage.trunk_steps must be >= 0, got {self.trunk_steps}")
+        if self.trunk_steps and len(self.checkpoints) > 1:
+            raise ValueError(
+                "stage.trunk_steps trains one shared start from one checkpoint; "
+                f"got {len(self.checkpoints)} init_checkpoints (Baklava): use one or the other"
+            )
 
     @classmethod
     def from_node(cls, node: Any) -> WarmConfig:
@@ -104,7 +125,7 @@ class WarmConfig:
             self.reward,
             init_checkpoint=checkpoint,
             dropout=self.dropouts[index % len(self.dropouts)],
-            seed=self.reward.seed + index,
+            seed=self.reward.seed + (0 if self.share_data_order else index),
         )
         return member, checkpoint
 
@@ -177,6 +198,44 @@ def run(ctx: StageContext) -> dict[str, Any]:
 
     steps = stage.reward.steps
     metrics: dict[str, Any] = {f"data_{k}": v for k, v in splits.stats.counts().items()}
+
+    def start_params(checkpoint: str) -> dict:
+        return {
+            "backbone": jax.tree.map(jnp.asarray, starts[checkpoint][1]),
+            "head": jax.tree.map(jnp.array, shared_head()),  # a copy: training donates it
+        }
+
+    trunk = None
+    if stage.trunk_steps:
+        trunk_dir = run_dir / "trunk"
+        if not (trunk_dir / "reward_model" / "member.json").exists():
+            trunk_cfg = dataclasses.replace(
+                stage.member(0)[0], steps=stage.trunk_steps, seed=stage.reward.seed
+            )
+            trunk_lr = stage.trunk_learning_rate or stage.learning_rate(0)  # None: the first
+            optim = ctx.optim(lr=trunk_lr, total_steps=stage.trunk_steps)
+            result = train_reward_model(
+                ctx,
+                config,
+                start_params(stage.checkpoints[0]),
+                splits.train,
+                trunk_cfg,
+                optim,
+                trunk_dir / "checkpoints",
+                description="trunk",
+                tags={"member": "trunk"},
+            )
+            if result.interrupted:
+                return ctx.finish(metrics | {"interrupted": True, "members_finished": 0})
+            save_reward_export(
+                ctx, config, result.state.params, trunk_dir / "reward_model", tokenizer, None
+            )
+            if ctx.is_main:
+                info = dict(lr=optim.lr, steps=stage.trunk_steps, seed=trunk_cfg.seed)
+                (trunk_dir / "reward_model" / "member.json").write_text(json.dumps(info, indent=2))
+        trunk = load_reward_model(trunk_dir / "reward_model")[1]
+        metrics["trunk"] = str(trunk_dir / "reward_model")
+        metrics |= _split_metrics(config, trunk, splits, stage.reward.batch_size, "trunk")
     member_dirs, member_params = [], []
     for index in range(stage.members):
         member_cfg, checkpoint = stage.member(index)
@@ -184,10 +243,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
         done = member_dir / "reward_model"
         if not (done / "member.json").exists():
             optim = ctx.optim(lr=stage.learning_rate(index))
-            params = {
-                "backbone": jax.tree.map(jnp.asarray, starts[checkpoint][1]),
-                "head": jax.tree.map(jnp.array, shared_head()),  # a copy: training donates it
-            }
+            params = start_params(checkpoint) if trunk is None else jax.tree.map(jnp.array, trunk)
             result = train_reward_model(
                 ctx,
                 config,
@@ -197,7 +253,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 optim,
                 member_dir / "checkpoints",
                 description=f"member{index}",
-                step_offset=index * steps,  # one step axis across members in metrics.jsonl
+                # One step axis across trunk and members in metrics.jsonl.
+                step_offset=stage.trunk_steps + index * steps,
                 tags={"member": f"member{index}"},  # a label, not a plotted number
             )
             if result.interrupted:
@@ -230,7 +287,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     # One member alone: the single reward model a recipe compares the average with.
     metrics["first_member"] = member_dirs[0]
     metrics["steps"] = steps
-    total_steps = stage.members * steps
+    total_steps = stage.trunk_steps + stage.members * steps
     ctx.tracker.log({k: v for k, v in metrics.items() if isinstance(v, float)}, total_steps)
     ctx.tracker.log_table("warm/comparison", *comparison_table(metrics, stage.members), total_steps)
     metrics["checkpoint"] = save_reward_export(
@@ -274,11 +331,13 @@ def compare_members(
 
 
 def comparison_table(metrics: dict[str, Any], members: int) -> tuple[list[str], list[list]]:
-    """Columns and rows: each member, the weight average and the ensemble, per metric."""
+    """Columns and rows: the trunk (if any), each member, the weight average and the ensemble,
+    per metric."""
     keys = sorted(
         {k.split("_", 1)[1] for k in metrics if k.startswith("warm_") and "accuracy" in k}
     )
-    names = [f"member{i}" for i in range(members)] + ["warm", "ensemble"]
+    trunk = ["trunk"] if any(k.startswith("trunk_") for k in metrics) else []
+    names = trunk + [f"member{i}" for i in range(members)] + ["warm", "ensemble"]
     rows = [[name] + [metrics.get(f"{name}_{key}") for key in keys] for name in names]
     return ["model", *keys], rows
 
