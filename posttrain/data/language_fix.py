@@ -116,9 +116,9 @@ def evaluation_prompts(num_rows: int, seed: int = 0) -> list[dict]:
 def _wrong_content(rng: random.Random, task: Task, language: str) -> str:
     """A fluent reply in `language` that answers something else: mostly the same kind of task
     with other fill-ins (so the reward model learns the content, not just the reply's shape),
-    else a task of any other kind, or a refusal. Other kinds include the ordinary ones for a
-    challenging prompt: RL otherwise finds a fluent off-topic reply the reward model never saw
-    rejected ("Chrome とは何ですか？" -> "タイの首都はバンコクです。")."""
+    else a task of any kind (15% / 55% / 30%: refusal, same kind, any kind). Any kind includes
+    the ordinary ones for a challenging prompt: RL otherwise finds a fluent off-topic reply the
+    reward model never saw rejected ("Chrome とは何ですか？" -> "タイの首都はバンコクです。")."""
     roll = rng.random()
     if roll < 0.15:
         return _REFUSALS[language]
