@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import recurrentgemma_reference as ref
 import transformers
+from official_griffin import official_griffin, official_package
 
 from posttrain.models import recurrentgemma as rg
 from posttrain.models.recurrentgemma import huggingface as rg_hf
@@ -312,41 +313,12 @@ def test_preset_parameter_counts(name):
         assert config.embed_scale == 50.5
 
 
-def _official():
-    try:
-        from recurrentgemma import common
-        from recurrentgemma import jax as official
-    except ImportError:
-        pytest.skip("the official recurrentgemma package is not installed")
-    return common, official
-
-
-def _official_model(common, official, config):
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    griffin = common.GriffinConfig(
-        vocab_size=config.vocab_size,
-        width=config.width,
-        mlp_expanded_width=config.mlp_width,
-        num_heads=config.num_heads,
-        lru_width=config.lru_width,
-        block_types=tuple(kinds[k] for k in config.block_types),
-        embeddings_scale_by_sqrt_dim=True,
-        attention_window_size=config.attention_window,
-        logits_soft_cap=config.logit_softcap,
-        scan_type=common.ScanType.LINEAR_NATIVE,
-    )
-    return official.Griffin(griffin, gradient_checkpointing=False)
-
-
 def test_official_package_parity(reference, tokens):
     # The official tree is ours, so the HF checkpoint's params feed the official model as is.
-    common, official = _official()
+    common, official = official_package()
     _, _, config, params = reference
     config = config.replace(window_semantics="official")
-    griffin = _official_model(common, official, config)
+    griffin = official_griffin(common, official, config)
     run = jax.jit(lambda p, t, pos: griffin.apply({"params": p}, t, pos, return_cache=False)[0])
     for segments in (np.ones_like(tokens), _packed_segments()):
         positions = positions_from_segments(jnp.asarray(segments))
@@ -356,7 +328,7 @@ def test_official_package_parity(reference, tokens):
 
 
 def test_official_package_parameter_counts():
-    common, official = _official()
+    common, official = official_package()
     for name, preset in (
         ("recurrentgemma_2b", common.Preset.RECURRENT_GEMMA_2B_V1),
         ("recurrentgemma_9b", common.Preset.RECURRENT_GEMMA_9B_V1),

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from official_griffin import official_griffin, official_package
 
 from posttrain.checkpoints import CheckpointError, load_hf, load_policy, save_hf, save_official
 from posttrain.models import recurrentgemma as rg
@@ -33,45 +34,13 @@ def _logits(config, params, tokens):
     return np.asarray(jax.jit(rg.forward, static_argnums=0)(config, params, jnp.asarray(tokens)))
 
 
-def _official_package():
-    try:
-        from recurrentgemma import common
-        from recurrentgemma import jax as official
-    except ImportError:
-        return None
-    return common, official
-
-
-def _official_griffin(common, official, config):
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    griffin = common.GriffinConfig(
-        vocab_size=config.vocab_size,
-        width=config.width,
-        mlp_expanded_width=config.mlp_width,
-        num_heads=config.num_heads,
-        lru_width=config.lru_width,
-        block_types=tuple(kinds[k] for k in config.block_types),
-        embeddings_scale_by_sqrt_dim=True,
-        attention_window_size=config.attention_window,
-        logits_soft_cap=config.logit_softcap,
-        scan_type=common.ScanType.LINEAR_NATIVE,
-    )
-    return official.Griffin(griffin, gradient_checkpointing=False)
-
-
 def test_official_package_checkpoint_loads_to_the_same_logits(tiny, tmp_path):
     # Given random tiny params from the official Griffin's own init, saved by its own writer.
-    package = _official_package()
-    if package is None:
-        pytest.skip("the official recurrentgemma package is not installed")
-    common, official = package
+    common, official = official_package()
     from recurrentgemma.jax import utils as official_utils
 
     config, _, tokens = tiny
-    griffin = _official_griffin(common, official, config)
+    griffin = official_griffin(common, official, config)
     zeros = jnp.zeros((1, 1), jnp.int32)
     params = griffin.init(jax.random.key(3), zeros, zeros)["params"]
     official_utils.save_parameters(str(tmp_path / "ckpt"), params)
