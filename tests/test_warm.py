@@ -122,16 +122,21 @@ def assets(tmp_path_factory):
     return root
 
 
-@pytest.mark.slow
-def test_warm_stage_reports_members_average_and_ensemble(assets, tmp_path):
-    root = assets
-    command = [
+def _warm_command(root: Path, run_dir: Path, *overrides: str) -> list[str]:
+    """The `stage=warm` command line on the module's assets, with `overrides` added."""
+    return [
         sys.executable, "-m", "posttrain.cli", "stage=warm",
         f"stage.init_checkpoints={root / 'sft'}", f"stage.tokenizer={root / 'tok.model'}",
         f"stage.train={root / 'train.jsonl'}", f"stage.eval={root / 'eval.jsonl'}",
-        "stage.members=3", "stage.steps=30", "stage.learning_rates=[1e-3,2e-3]",
-        "stage.max_length=96", "logger=disabled", f"hydra.run.dir={tmp_path}",
+        *overrides, "stage.max_length=96", "logger=disabled", f"hydra.run.dir={run_dir}",
     ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_warm_stage_reports_members_average_and_ensemble(assets, tmp_path):
+    command = _warm_command(
+        assets, tmp_path, "stage.members=3", "stage.steps=30", "stage.learning_rates=[1e-3,2e-3]"
+    )
     env = {**os.environ, "XLA_FLAGS": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -161,15 +166,10 @@ def test_warm_stage_reports_members_average_and_ensemble(assets, tmp_path):
 def test_members_fork_from_a_trained_trunk(assets, tmp_path):
     # At a near-zero member learning rate every member equals the trunk it forked from, and the
     # trunk has moved away from the SFT start: members start from the trunk, not from SFT.
-    root = assets
-    command = [
-        sys.executable, "-m", "posttrain.cli", "stage=warm",
-        f"stage.init_checkpoints={root / 'sft'}", f"stage.tokenizer={root / 'tok.model'}",
-        f"stage.train={root / 'train.jsonl'}", f"stage.eval={root / 'eval.jsonl'}",
-        "stage.members=2", "stage.steps=5", "stage.learning_rates=[1e-9]",
+    command = _warm_command(
+        assets, tmp_path, "stage.members=2", "stage.steps=5", "stage.learning_rates=[1e-9]",
         "stage.trunk_steps=20", "stage.trunk_learning_rate=2e-3", "stage.share_data_order=true",
-        "stage.max_length=96", "logger=disabled", f"hydra.run.dir={tmp_path}",
-    ]  # fmt: skip
+    )  # fmt: skip
     env = {**os.environ, "XLA_FLAGS": ""}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -181,7 +181,7 @@ def test_members_fork_from_a_trained_trunk(assets, tmp_path):
     assert trunk_info["steps"] == 20 and trunk_info["lr"] == 2e-3
     from posttrain.checkpoints import load_hf
 
-    _, sft = load_hf(root / "sft")
+    _, sft = load_hf(assets / "sft")
     moved = max(
         float(np.max(np.abs(a - b)))
         for a, b in zip(jax.tree.leaves(trunk["backbone"]), jax.tree.leaves(sft), strict=True)
