@@ -1,7 +1,7 @@
 """A tiny RecurrentGemma through the same stage code as Gemma, selected by
 `model=tiny_recurrentgemma`: SFT lowers its loss and exports a recurrent_gemma directory, a
-reward model on it learns an easy preference (on unshared pairs: a recurrence has no
-shared-prefix rows), and REINFORCE and J-BOND (scored by that reward model) run and export a
+reward model on it learns an easy preference (each shared prompt run once, its state forked
+into both sides), and REINFORCE and J-BOND (scored by that reward model) run and export a
 policy that loads and samples. In-process, tiny steps: one compiled step per stage."""
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def test_reward_model_learns_an_easy_preference(reward_model):
     # Far above chance (0.5) on held-out pairs too.
     assert reward_model["train_accuracy"] >= 0.9, reward_model
     assert reward_model["eval_accuracy"] >= 0.9, reward_model
+    # It trained on forked pairs: each prompt run once, its state seeding both sides.
+    assert reward_model["prompt_sharing"] == "fork", reward_model
     config, _ = load_hf(reward_model["checkpoint"])
     assert isinstance(config, RecurrentGemmaConfig)
     assert (Path(reward_model["checkpoint"]) / "head.safetensors").exists()

@@ -9,7 +9,8 @@ is made once while tracing: a compiled graph holds only the family's own operati
 what calling the family directly gives (the sampler's and beam search's Gemma graphs are the
 ones they were before the interface).
 
-Shape letters: b rows, t tokens, v vocabulary, d width (of the final hidden states).
+Shape letters: b rows, t tokens, v vocabulary, d width (of the final hidden states), m branches
+continuing one prompt, x prompt tokens.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class _GemmaBackbone(Backbone):
     config_class = ModelConfig
     families = ("gemma1", "gemma2")
     hf_model_types = ("gemma", "gemma2")
-    shares_prompts = True
+    prompt_sharing = "branches"
 
     def init_params(self, config, rng):
         return gemma.init_params(config, rng)
@@ -130,12 +131,14 @@ class _GemmaBackbone(Backbone):
 class _RecurrentGemmaBackbone(Backbone):
     """RecurrentGemma (Griffin): `posttrain.models.recurrentgemma`.
 
-    Its state is O(1) per row, so `max_length` sizes nothing; it has no shared-prefix rows (a
-    recurrence cannot restart a branch from the prefix's state within one pass)."""
+    Its state is O(1) per row, so `max_length` sizes nothing. A shared prompt forks: a recurrence
+    cannot restart a branch from the prefix's state within one row, but a branch can start from
+    the state the prompt's own pass ends in."""
 
     config_class = RecurrentGemmaConfig
     families = ("recurrentgemma",)
     hf_model_types = ("recurrent_gemma",)
+    prompt_sharing = "fork"
 
     def init_params(self, config, rng):
         return griffin.init_params(config, rng)
@@ -154,6 +157,13 @@ class _RecurrentGemmaBackbone(Backbone):
             {"params": params}, tokens, positions, segment_ids, compute_logits=compute_logits
         )
         return BackboneOutput(out.logits, out.hidden)
+
+    def forked_hidden(
+        self, config, params, prompt, prompt_segments, tokens, positions, segment_ids
+    ):
+        return griffin.forked_hidden(
+            config, params, prompt, prompt_segments, tokens, positions, segment_ids
+        )
 
     def unembedding(self, config, params):
         return params["embedder"]["input_embedding"], config.logit_softcap
@@ -300,9 +310,9 @@ def hidden_states(
     return apply(config, params, tokens, positions, segment_ids, compute_logits=False).hidden
 
 
-def shares_prompts(config: BackboneConfig) -> bool:
-    """Whether `branched_hidden` works for this family (attention-only backbones)."""
-    return backbone_of(config).shares_prompts
+def prompt_sharing(config: BackboneConfig) -> str | None:
+    """How: "branches" (`branched_hidden`), "fork" (`forked_hidden`), or None (not at all)."""
+    return backbone_of(config).prompt_sharing
 
 
 def branched_hidden(
@@ -316,6 +326,22 @@ def branched_hidden(
     """Hidden states [b, t, d] of rows holding a shared prefix and branches continuing it."""
     return backbone_of(config).branched_hidden(
         config, params, tokens, positions, segment_ids, branch_ids
+    )
+
+
+def forked_hidden(
+    config: BackboneConfig,
+    params: Params,
+    prompt: Array,
+    prompt_segments: Array,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+) -> Array:
+    """Hidden states [b, m, t, d] of m branches [b, m, t] continuing left-padded prompts [b, x]
+    (segment 0 = padding; branch positions follow the prompt's), each prompt run once."""
+    return backbone_of(config).forked_hidden(
+        config, params, prompt, prompt_segments, tokens, positions, segment_ids
     )
 
 

@@ -8,14 +8,15 @@ A decoding state is opaque above `models/`: a pytree whose leaves are [b, ...] r
 cache; RecurrentGemma's Conv1D taps, RG-LRU state and attention window) besides scalar step
 counters. `select_rows` and `repeat_rows` are the only ways to rearrange it.
 
-Shape letters: b rows, t tokens, v vocabulary, d width (of the final hidden states).
+Shape letters: b rows, t tokens, v vocabulary, d width (of the final hidden states), m branches
+continuing one prompt, x prompt tokens.
 """
 
 from __future__ import annotations
 
 import abc
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +40,11 @@ class Backbone(abc.ABC):
     config_class: type
     families: tuple[str, ...]  # values of the config's `family` field
     hf_model_types: tuple[str, ...]  # config.json `model_type`s this family reads
-    # Whether one row can hold a shared prefix and branches that each see it but not each
-    # other (`branched_hidden`); attention masks can, a recurrence cannot.
-    shares_prompts: bool = False
+    # How a prompt shared by several branches is computed once (None: it is not). "branches":
+    # one row holds the prefix and branches that see it but not each other (`branched_hidden`),
+    # which attention masks allow; "fork": the prompt runs alone and its state seeds each branch
+    # (`forked_hidden`), which a recurrence needs, its state reading every earlier token.
+    prompt_sharing: Literal["branches", "fork"] | None = None
 
     @abc.abstractmethod
     def init_params(self, config: Any, rng: Array) -> Params:
@@ -82,6 +85,20 @@ class Backbone(abc.ABC):
     ) -> Array:
         """Hidden states [b, t, d] of shared-prefix rows (`posttrain.data.shared_prompt`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot share a prefix between branches")
+
+    def forked_hidden(
+        self,
+        config: Any,
+        params: Params,
+        prompt: Array,
+        prompt_segments: Array,
+        tokens: Array,
+        positions: Array,
+        segment_ids: Array,
+    ) -> Array:
+        """Hidden states [b, m, t, d] of m branches [b, m, t] continuing left-padded prompts
+        [b, x], each prompt run once (`posttrain.data.shared_prompt.fork_prompts`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fork a prompt's state")
 
     @abc.abstractmethod
     def unembedding(self, config: Any, params: Params) -> tuple[Array, float | None]:

@@ -19,7 +19,7 @@ import optax
 from safetensors.numpy import load_file, save_file
 
 from posttrain.checkpoints import load_hf, save_hf
-from posttrain.data.shared_prompt import SharedPromptPairs
+from posttrain.data.shared_prompt import ForkedPairs, SharedPromptPairs
 from posttrain.losses.bradley_terry import bradley_terry_loss
 from posttrain.models import backbone as backbones
 from posttrain.models.backbone import BackboneConfig
@@ -65,21 +65,23 @@ def reward_scores(
 def shared_prompt_rewards(
     config: BackboneConfig,
     params: Params,
-    pairs: SharedPromptPairs,
+    pairs: SharedPromptPairs | ForkedPairs,
     dropout_rate: float = 0.0,
     dropout_key: Array | None = None,
 ) -> tuple[Array, Array]:
-    """(chosen, rejected) rewards [b] of shared-prefix pair rows: both sides of a pair in one row.
+    """(chosen, rejected) rewards [b] of pairs whose shared prompt is computed once: one row per
+    pair (`share_prompts`, attention backbones) or a prompt forked into both sides
+    (`fork_prompts`, a recurrence); `backbone.prompt_sharing` says which a family reads.
 
-    The rows run as two forwards over halves of the batch, as unshared pairs run as a chosen and a
-    rejected forward: XLA:CPU runs independent forwards side by side, which a 2-core reward step
-    needs (one forward of all rows: 7-30% longer steps, `experiments/bench/reward`).
-    Attention-only backbones (`backbone.shares_prompts`) only: a recurrence reads unshared pairs.
+    The pairs run as two forwards over halves of the batch, as unshared pairs run as a chosen
+    and a rejected forward: XLA:CPU runs independent forwards side by side, which a 2-core
+    reward step needs (one forward of all rows: 7-30% longer steps, `experiments/bench/reward`).
     """
     rows = pairs.tokens.shape[0]
     bounds = [0, rows // 2, rows] if rows > 1 else [0, rows]
+    features_of = _forked_features if isinstance(pairs, ForkedPairs) else _shared_prompt_features
     features = [
-        _shared_prompt_features(
+        features_of(
             config, params["backbone"], jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], pairs)
         )
         for a, b in itertools.pairwise(bounds)
@@ -97,6 +99,20 @@ def _shared_prompt_features(
         config, backbone, pairs.tokens, pairs.positions, pairs.segments, pairs.branches
     )
     return jnp.take_along_axis(hidden, pairs.last[:, :, None], axis=1)
+
+
+def _forked_features(config: BackboneConfig, backbone: Params, pairs: ForkedPairs) -> Array:
+    """Final hidden states [n, 2, d] at each branch's last token."""
+    hidden = backbones.forked_hidden(
+        config,
+        backbone,
+        pairs.prompt,
+        pairs.prompt_segments,
+        pairs.tokens,
+        pairs.positions,
+        pairs.segments,
+    )  # [n, 2, t, d]
+    return jnp.take_along_axis(hidden, pairs.last[:, :, None, None], axis=2)[:, :, 0]
 
 
 def _apply_head(

@@ -23,7 +23,7 @@ from posttrain.checkpoints import load_hf
 from posttrain.data.preferences import PreferenceRows, PreferenceStats, build_preferences
 from posttrain.data.prompts import read_rows
 from posttrain.data.sft import BatchIterator
-from posttrain.data.shared_prompt import SharedPromptPairs, share_prompts
+from posttrain.data.shared_prompt import PAIR_LAYOUTS, ForkedPairs, SharedPromptPairs
 from posttrain.losses.bradley_terry import bradley_terry_loss, preference_metrics
 from posttrain.models import backbone as backbones
 from posttrain.models.backbone import BackboneConfig, param_logical_axes
@@ -66,8 +66,8 @@ class RewardConfig:
     dropout: float = 0.0  # on the head's input features, training only
     linear_probe: bool = True  # fit the head on frozen features before training
     probe_pairs: int = 256
-    # Train on each pair's common prefix once: same rewards, fewer tokens. Attention-only
-    # backbones; a RecurrentGemma reward model trains on unshared pairs (and says so).
+    # Train on each pair's common prefix once: same rewards, fewer tokens. Gemma masks the two
+    # branches of one row; RecurrentGemma forks the prefix's state into both.
     share_prompts: bool = True
     # The train_* metrics score this many training pairs, spread evenly over the file (0: all):
     # scoring every pair of a large set several times costs more than the training.
@@ -163,8 +163,8 @@ def pair_loss_terms(config: BackboneConfig, center_coefficient: float, dropout: 
     """(params, pair batch[, key]) -> (summed BT loss, number of pairs, sums of the training
     accuracy and margin, logged per step); a key iff dropout > 0."""
 
-    def loss_terms(params, batch: PreferenceRows | SharedPromptPairs, key=None):
-        if isinstance(batch, SharedPromptPairs):
+    def loss_terms(params, batch: PreferenceRows | SharedPromptPairs | ForkedPairs, key=None):
+        if isinstance(batch, SharedPromptPairs | ForkedPairs):
             chosen, rejected = shared_prompt_rewards(config, params, batch, dropout, key)
         else:
             keys = (None, None) if key is None else tuple(jax.random.split(key))
@@ -202,6 +202,11 @@ def reward_logical_axes(config: BackboneConfig) -> Params:
     }
 
 
+def pair_layout(config: BackboneConfig, stage: RewardConfig) -> str | None:
+    """The layout the family's shared-prompt pass reads (`PAIR_LAYOUTS`), or None: unshared."""
+    return backbones.prompt_sharing(config) if stage.share_prompts else None
+
+
 def train_reward_model(
     ctx: StageContext,
     config: BackboneConfig,
@@ -226,18 +231,12 @@ def train_reward_model(
         with activation_sharding(mesh):
             return jitted_step(state, shard_batch(batch, mesh))
 
-    shared = stage.share_prompts and backbones.shares_prompts(config)
-    if stage.share_prompts and not shared and ctx.is_main:
-        print(
-            f"[{description}] stage.share_prompts: a {config.family} backbone has no "
-            "shared-prefix rows (a recurrence cannot branch within a row); training on "
-            "unshared pairs",
-            flush=True,
-        )
+    layout = pair_layout(config, stage)
+    pairs = PAIR_LAYOUTS[layout](rows) if layout else rows
     return ctx.train(
         place_on_mesh(init_state(params, optimizer, stage.seed), mesh),
         step_fn,
-        BatchIterator(share_prompts(rows) if shared else rows, stage.batch_size, stage.seed),
+        BatchIterator(pairs, stage.batch_size, stage.seed),
         stage.steps,
         stage.save_every,
         checkpoint_dir=checkpoint_dir,
@@ -336,6 +335,8 @@ def run(ctx: StageContext) -> dict[str, Any]:
     metrics: dict[str, Any] = dict(
         steps=int(result.state.step),
         interrupted=result.interrupted,
+        # "branches" (Gemma), "fork" (RecurrentGemma) or "none": how a pair's prompt was run.
+        prompt_sharing=pair_layout(config, stage) or "none",
         **{f"data_{k}": v for k, v in splits.stats.counts().items()},
     )
     if result.interrupted:

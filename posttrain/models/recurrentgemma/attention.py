@@ -3,8 +3,8 @@ and in decode mode a ring buffer of `attention_window` slots.
 
 The window trap (`shared/design/backbone.md` §2.4): the deepmind code lets a query see itself
 and the W keys before it (W + 1 keys, 2049 for the 2B model), transformers W keys including
-itself. `RecurrentGemmaConfig.visible_keys` holds the count for the configured semantics; both
-modes mask by it, so the ring buffer's W slots serve either.
+itself. `RecurrentGemmaConfig.visible_keys` holds the count for the configured semantics; every
+mode masks by it, so the ring buffer's W slots serve either.
 """
 
 from __future__ import annotations
@@ -99,6 +99,40 @@ def sequence_attention(
     return encoded.reshape(b, count * block, n, h)[:, :t]
 
 
+def _extend_attention(
+    query: Array,
+    keys: Array,
+    values: Array,
+    meta: TokenMeta,
+    state: AttentionState,
+    key_positions: Array,
+    visible: int,
+) -> Array:
+    """q [b, t, n, h], k/v [b, t, h] of tokens continuing `state`'s rows -> [b, t, n, h].
+
+    A query sees the cached keys of the document it continues (document 0: before any start in
+    the block) within the window, measured in positions as decode mode does, then the block's
+    own keys causally within its document. w slots suffice: the first query sees at most the
+    w tokens before it, the only ones a `visible` of w + 1 reaches back to.
+    """
+    b, t = meta.positions.shape
+    distance = meta.positions[:, :, None] - key_positions[:, None, :]  # [b, t, w]
+    cached = (
+        (meta.docs == 0)[:, :, None]
+        & (key_positions >= 0)[:, None, :]
+        & (distance > 0)
+        & (distance < visible)
+    )
+    rows = jnp.broadcast_to(jnp.arange(t), (b, t))
+    own = _visible(rows, meta.docs, rows, meta.docs, visible)  # [b, t, t]
+    return _attend(
+        query,
+        jnp.concatenate([state.keys.astype(keys.dtype), keys], axis=1),
+        jnp.concatenate([state.values.astype(values.dtype), values], axis=1),
+        jnp.concatenate([cached, own], axis=2),
+    )
+
+
 def ring_fill(x: Array, slots: int, fill: int | float) -> Array:
     """Place a sequence [b, t, ...] in `slots` ring slots: slot s holds the newest time t' < t
     with t' = s (mod slots), or `fill` where none exists."""
@@ -135,7 +169,9 @@ class LocalAttentionBlock(nn.Module):
 
         Sequence mode (no state): within the given rows; returns the last w keys and values as
         ring slots. Decode mode: one token per row against `state`, whose slots hold keys at
-        `key_positions` [b, w] (-1: empty); the new key is written at `write_slot`.
+        `key_positions` [b, w] (-1: empty); the new key is written at `write_slot`. Extend mode
+        (a state, no write slot): t tokens continuing the state's rows, which see its slots and
+        each other; the state is read, not written (a fork of a prefill), and returned as is.
         """
         b, t, _ = x.shape
         n, h, pdt = self.num_heads, self.width // self.num_heads, self.param_dtype
@@ -155,6 +191,9 @@ class LocalAttentionBlock(nn.Module):
             new_state = AttentionState(
                 ring_fill(key, self.window, 0), ring_fill(value, self.window, 0)
             )
+        elif write_slot is None:
+            encoded = _extend_attention(query, key, value, meta, state, key_positions, self.visible)
+            new_state = state
         else:
             if t != 1:
                 raise ValueError(f"decode mode takes one token per row, got {t}")

@@ -7,7 +7,12 @@ padding, packing and running each document alone give the same logits, which the
 code also guarantees (its `segment_pos`) and transformers does not (its Conv1D reads across).
 
 Decoding carries O(1) state per row: each recurrent block's last k-1 Conv1D inputs and RG-LRU
-state, and each attention block's ring buffer of w keys and values.
+state, and each attention block's ring buffer of w keys and values. The same state lets several
+continuations of one prompt run from a single prefill (`forked_hidden`): each is a parallel
+pass seeded by it, its scan starting from the RG-LRU state, its Conv1D reading the cached
+inputs, its attention the cached keys.
+
+Shape letters besides the config's: m branches continuing one prompt, x prompt tokens.
 """
 
 from __future__ import annotations
@@ -149,15 +154,20 @@ class RecurrentGemma(nn.Module):
         state: RecurrentGemmaState | None = None,
         compute_logits: bool = True,
         return_state: bool = False,
+        context: RecurrentGemmaState | None = None,
     ) -> RecurrentGemmaOutput:
         """Run the decoder.
 
         tokens, positions, segment_ids: [b, t] ints; without positions they count from 0 within
         each segment. With a `state` (decode mode) t must be 1 and the new state is returned.
         `return_state` (sequence mode) also returns the state after the last token, for
-        decoding to continue from: a prefill.
+        decoding to continue from: a prefill. With a `context` (extend mode) the t tokens
+        continue the context's rows in one parallel pass, their positions following its last
+        one; the context is only read and no state is returned (a fork of a prefill).
         """
         cfg = self.config
+        if context is not None and (state is not None or return_state or positions is None):
+            raise ValueError("extend mode takes positions, and neither a state nor return_state")
         if positions is None:
             positions = positions_from_segments(
                 segment_ids if segment_ids is not None else jnp.ones_like(tokens)
@@ -170,14 +180,16 @@ class RecurrentGemma(nn.Module):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
 
         write_slot = None if state is None else state.index % cfg.attention_window
+        # Extend mode is decode mode's reading of the state without its write slot.
+        given = state if state is not None else context
         block_cls = nn.remat(ResidualBlock, static_argnums=()) if cfg.remat else ResidualBlock
         layer_states = []
         for i, block_type in enumerate(cfg.block_types):
             x, layer_state = block_cls(cfg, block_type, name=f"blocks.{i}")(
                 x,
                 meta,
-                None if state is None else state.layers[i],
-                None if state is None else state.key_positions,
+                None if given is None else given.layers[i],
+                None if given is None else given.key_positions,
                 write_slot,
             )
             layer_states.append(layer_state)
@@ -304,6 +316,35 @@ def prefill(
         {"params": params}, tokens, positions, segment_ids, return_state=True
     )
     return out.logits, out.state
+
+
+def forked_hidden(
+    config: RecurrentGemmaConfig,
+    params: Params,
+    prompt: Array,
+    prompt_segments: Array,
+    tokens: Array,
+    positions: Array,
+    segment_ids: Array,
+) -> Array:
+    """Hidden states [b, m, t, d] of m continuations [b, m, t] of each left-padded prompt [b, x],
+    the prompt run once and its state seeding every branch."""
+    model = RecurrentGemma(config)
+    # Left padding puts every prompt's last token in the last column, where the prefill's state
+    # is taken; an all-padding prompt gives the state of a fresh row.
+    prefix = model.apply(
+        {"params": params}, prompt, None, prompt_segments, compute_logits=False, return_state=True
+    )
+    b, m, t = tokens.shape
+    out = model.apply(
+        {"params": params},
+        tokens.reshape(b * m, t),  # [b * m, t]: branch j of row i is row i * m + j
+        positions.reshape(b * m, t),
+        segment_ids.reshape(b * m, t),
+        compute_logits=False,
+        context=repeat_rows(prefix.state, m),
+    )
+    return out.hidden.reshape(b, m, t, -1)
 
 
 def decode_step(
