@@ -90,6 +90,22 @@ def test_preference_mixes():
     assert 0.05 < refusals < 0.3
 
 
+def test_short_prompts_draw_most_wrong_replies_from_the_other_short_prompts():
+    from posttrain.data.bilingual_tasks import _SHORT
+
+    short_replies = {reply for _, ja, _, en in _SHORT for reply in (ja, en)}
+    pairs = language_fix.preference_rows(6000, seed=2)
+    ordinary = [r for r in pairs if r["pair_type"] == "ordinary"]
+    short = [r for r in ordinary if r["kind"] == "short"]
+    others = [r for r in ordinary if r["kind"] != "short"]
+    same = np.mean([r["rejected"] in short_replies for r in short])
+    # 85% from the short kind, and some of the 10% of any kind are short too.
+    assert 0.82 < same < 0.95, same
+    refusals = np.mean([r["rejected"] in language_fix._REFUSALS.values() for r in short])
+    assert refusals < 0.1
+    assert 0.1 < np.mean([r["rejected"] in language_fix._REFUSALS.values() for r in others]) < 0.2
+
+
 def test_bad_settings_name_the_culprit():
     with pytest.raises(ValueError, match="english_reply_rate"):
         language_fix.sft_rows(10, english_reply_rate=1.5)

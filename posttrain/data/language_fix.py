@@ -113,17 +113,27 @@ def evaluation_prompts(num_rows: int, seed: int = 0) -> list[dict]:
     return prompt_rows(num_rows, seed, mix={"japanese_challenging": 1.0})
 
 
+# (refusal, same kind) cumulative shares of a wrong-content negative; the rest is any kind.
+_NEGATIVE_SHARES = (0.15, 0.7)
+# A short prompt's reply is one of 12 fixed ones, so the reward model must bind 12 x 11
+# (prompt, wrong reply) combinations; at the default shares most were never seen rejected and RL
+# found one ("またね" -> "はい、元気です。あなたは？", scored above the right reply).
+_SHORT_NEGATIVE_SHARES = (0.05, 0.9)
+
+
 def _wrong_content(rng: random.Random, task: Task, language: str) -> str:
     """A fluent reply in `language` that answers something else: mostly the same kind of task
     with other fill-ins (so the reward model learns the content, not just the reply's shape),
-    else a task of any kind (15% / 55% / 30%: refusal, same kind, any kind). Any kind includes
-    the ordinary ones for a challenging prompt: RL otherwise finds a fluent off-topic reply the
-    reward model never saw rejected ("Chrome とは何ですか？" -> "タイの首都はバンコクです。")."""
+    else a task of any kind (15% / 55% / 30%: refusal, same kind, any kind; 5% / 85% / 10% for a
+    short prompt). Any kind includes the ordinary ones for a challenging prompt: RL otherwise
+    finds a fluent off-topic reply the reward model never saw rejected ("Chrome とは何ですか？"
+    -> "タイの首都はバンコクです。")."""
+    refusal, same_kind = _SHORT_NEGATIVE_SHARES if task.kind == "short" else _NEGATIVE_SHARES
     roll = rng.random()
-    if roll < 0.15:
+    if roll < refusal:
         return _REFUSALS[language]
     for _ in range(100):
-        other = draw_kind(rng, task.kind) if roll < 0.7 else draw_task(rng)
+        other = draw_kind(rng, task.kind) if roll < same_kind else draw_task(rng)
         if other.answer[language] != task.answer[language]:
             return other.reply[language]
     raise RuntimeError(f"no different {task.kind} task drawn in 100 tries")
