@@ -2,9 +2,9 @@
 (`.venv/bin/python -m pytest experiments/jpn_language_fix/test_seed0.py`, 8 minutes): the SFT
 policy's sampled language-error rate in [20%, 40%], beam below sampled, the plain reward model
 leaving >= 10%, the WARM-preamble RL and J-BOND rows <= 1% (upper end <= 2%) with accuracy
-within 2 points of SFT. The recipe is the one `make demo` runs. It passes on seed 0; it lives
-here rather than in tests/ until the gates hold on every seed and the suite has room for it
-(NOTES.md)."""
+within 2 points of SFT. The recipe is the one `make demo` runs. It lives here rather than in
+tests/ until the gates hold on every seed (seed 0 misses J-BOND's, NOTES.md) and the suite has
+room for it."""
 
 import json
 
@@ -12,7 +12,11 @@ import pytest
 
 
 @pytest.mark.slow
-def test_language_fix_recipe_meets_its_targets(tmp_path):
+def test_language_fix_recipe_meets_its_targets(tmp_path, monkeypatch):
+    # The recipe runs as `make demo` does, on one CPU device: the suite's 8 simulated devices
+    # split XLA's thread pool and change float reduction orders (seed 0's J-BOND row: 1.6%
+    # against 1.3%).
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
     from experiments.jpn_language_fix.run import PLOTTED, ROWS, gates, read_evaluations, run_seed
 
     table, passed = run_seed(0, tmp_path, write=False)
