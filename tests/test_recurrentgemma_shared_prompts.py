@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from pair_rows import pair_rows
 
 from posttrain.data.preferences import PreferenceRows
 from posttrain.data.shared_prompt import fork_prompts
@@ -31,20 +32,7 @@ _full = jax.jit(hidden_states, static_argnums=0)
 
 
 def _rows(sides: list[tuple[list[int], list[int]]], width: int = WIDTH) -> PreferenceRows:
-    def pad(seqs):
-        tokens = np.zeros((len(seqs), width), np.int32)
-        segments = np.zeros((len(seqs), width), np.int32)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)], segments[i, : len(s)] = s, 1
-        return tokens, segments
-
-    n = len(sides)
-    return PreferenceRows(
-        *pad([c for c, _ in sides]),
-        *pad([r for _, r in sides]),
-        np.linspace(0.0, 0.5, n).astype(np.float32),
-        np.ones(n, np.float32),
-    )
+    return pair_rows(sides, width, np.linspace(0.0, 0.5, len(sides)))
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from pair_rows import pair_rows
 
 from posttrain.data.preferences import PreferenceRows
 from posttrain.data.shared_prompt import CHOSEN, PREFIX, REJECTED, share_prompts
@@ -16,19 +17,7 @@ CONFIG = get_preset("tiny_gemma2", sliding_window=8)
 
 
 def _rows(sides: list[tuple[list[int], list[int]]], width: int) -> PreferenceRows:
-    def pad(seqs):
-        tokens = np.zeros((len(seqs), width), np.int32)
-        segments = np.zeros((len(seqs), width), np.int32)
-        for i, s in enumerate(seqs):
-            tokens[i, : len(s)], segments[i, : len(s)] = s, 1
-        return tokens, segments
-
-    chosen, chosen_segments = pad([c for c, _ in sides])
-    rejected, rejected_segments = pad([r for _, r in sides])
-    n = len(sides)
-    return PreferenceRows(
-        chosen, chosen_segments, rejected, rejected_segments, np.zeros(n, np.float32), np.ones(n)
-    )
+    return pair_rows(sides, width)
 
 
 def test_layout_of_prefix_and_both_continuations():
