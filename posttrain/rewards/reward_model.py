@@ -73,13 +73,16 @@ def shared_prompt_rewards(
     pair (`share_prompts`, attention backbones) or a prompt forked into both sides
     (`fork_prompts`, a recurrence); `backbone.prompt_sharing` says which a family reads.
 
-    The pairs run as two forwards over halves of the batch, as unshared pairs run as a chosen
+    Branched rows run as two forwards over halves of the batch, as unshared pairs run as a chosen
     and a rejected forward: XLA:CPU runs independent forwards side by side, which a 2-core
     reward step needs (one forward of all rows: 7-30% longer steps, `experiments/bench/reward`).
+    Forked pairs run in one pass: halving them nearly tripled the gradient's compile time, and
+    no step time has been measured to pay for it.
     """
     rows = pairs.tokens.shape[0]
-    bounds = [0, rows // 2, rows] if rows > 1 else [0, rows]
-    features_of = _forked_features if isinstance(pairs, ForkedPairs) else _shared_prompt_features
+    forked = isinstance(pairs, ForkedPairs)
+    bounds = [0, rows // 2, rows] if rows > 1 and not forked else [0, rows]
+    features_of = _forked_features if forked else _shared_prompt_features
     features = [
         features_of(
             config, params["backbone"], jax.tree_util.tree_map(lambda x, a=a, b=b: x[a:b], pairs)
