@@ -35,6 +35,7 @@ from posttrain.losses.bond import (
     log_quantile,
     should_replace_anchor,
 )
+from posttrain.losses.policy_gradient import leave_one_out_mean
 from posttrain.sampling.best_of_n import expected_best_of_n
 from posttrain.train.step import ema_update
 
@@ -276,6 +277,52 @@ def test_jbond_loss_expected_gradient_pulls_toward_the_anchor():
 
         got, want = np.asarray(got), np.asarray(jax.grad(objective)(theta))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * np.abs(want).max())
+
+
+def test_jbond_loss_with_two_samples_a_prompt_and_their_leave_one_out_baseline_is_unbiased():
+    # Two policy samples per prompt, each baselined by the other: exact expectation over every
+    # pair (y₁, y₂) ~ π×π of the policy terms equals β·∇KL(π‖q_J) + γ·∇KL(π‖π_anchor). A
+    # baseline that saw its own sample (the pair's mean) would be biased and fail.
+    with jax.enable_x64(True):
+        _, rewards, ref = bandit()
+        rewards = rewards.astype(jnp.float64)
+        anchor = jax.nn.log_softmax(
+            jnp.log(ref) + 0.3 * jax.random.normal(jax.random.key(4), ref.shape)
+        )
+        theta = anchor + 0.5 * jax.random.normal(jax.random.key(5), ref.shape)
+        mean_reward = JBOND_PENALTY * (1 - quantile_le(jnp.exp(anchor), rewards)) ** 2
+        beta, gamma = 0.5, 0.7
+        k = ref.shape[0]
+        first, second = (
+            a.reshape(-1) for a in jnp.meshgrid(jnp.arange(k), jnp.arange(k), indexing="ij")
+        )
+        pairs = jnp.stack([first, second], axis=1)  # [k·k, 2]
+
+        def pair_loss(t):
+            lp = jax.nn.log_softmax(t)
+            seq, anchor_seq, reward = lp[pairs], anchor[pairs], mean_reward[pairs]
+            returns = jbond_return(reward, seq, anchor_seq)
+            log_ratio = jax.lax.stop_gradient(seq - anchor_seq)
+            return jbond_loss(
+                jnp.zeros(len(pairs)), seq, anchor_seq, reward,
+                leave_one_out_mean(returns), leave_one_out_mean(log_ratio), beta, gamma,
+            )  # fmt: skip
+
+        pi = jax.nn.softmax(theta)
+        got = _expected_gradient(pair_loss, pi[first] * pi[second], theta)
+        q_jbond = jnp.exp(anchor) * jnp.exp(mean_reward)
+        q_jbond /= q_jbond.sum()
+
+        def objective(t):
+            lp = jax.nn.log_softmax(t)
+            p = jnp.exp(lp)
+            return beta * jnp.sum(p * (lp - jnp.log(q_jbond))) + gamma * jnp.sum(p * (lp - anchor))
+
+        got, want = np.asarray(got), np.asarray(jax.grad(objective)(theta))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
+    # [p, c] rewards share their prompt's two anchor draws.
+    reward = jbond_reward(jnp.array([[0.5, 2.0], [4.0, 0.0]]), jnp.array([[1.0, 3.0], [0.5, 5.0]]))
+    np.testing.assert_allclose(reward, [[JBOND_PENALTY, 0.0], [0.0, JBOND_PENALTY]], rtol=1e-6)
 
 
 def test_regulariser_alone_moves_one_sampled_step_toward_the_anchor():

@@ -125,20 +125,22 @@ def should_replace_anchor(step: int | Array, period: int) -> Array:
 
 
 def jbond_reward(policy_rewards: Array, anchor_rewards: Array) -> Array:
-    """r_J = −log 16 · 1[r(y) < min(r(y'₁), r(y'₂))], [p] (paper eq. 17).
+    """r_J = −log 16 · 1[r(y) < min(r(y'₁), r(y'₂))], [p] or [p, c] (paper eq. 17).
 
-    anchor_rewards [p, 2]: rewards of two anchor samples of the prompt. The "<" is strict: a
+    anchor_rewards [p, 2]: rewards of two anchor samples of the prompt, shared by its c policy
+    samples when policy_rewards is [p, c]. The "<" is strict: a
     sample tied with the worse anchor draw is not penalised (the tie-consistent reading, §8.1).
     E over the anchor draws is −log16·(1 − p_≤(y))², a bounded stand-in for log p_≤ that is
     exact at the median.
     """
     policy_rewards = jnp.asarray(policy_rewards, jnp.float32)
     worst_anchor = jnp.min(jnp.asarray(anchor_rewards, jnp.float32), axis=-1)
+    worst_anchor = worst_anchor.reshape(worst_anchor.shape + (1,) * (policy_rewards.ndim - 1))
     return jnp.where(policy_rewards < worst_anchor, JBOND_PENALTY, 0.0).astype(jnp.float32)
 
 
 def jbond_return(reward: Array, policy_seq: Array, anchor_seq: Array) -> Array:
-    """R = r_J − sg(log π(y) − log π_anchor(y)), [p]: Algorithm 2's return before its baseline.
+    """R = r_J − sg(log π(y) − log π_anchor(y)), [p] or [p, c]: Algorithm 2's return, no baseline.
 
     The log-ratio is the backward KL's own regulariser toward the anchor (coefficient
     1/(n−1) = 1 for Best-of-2).
@@ -159,10 +161,12 @@ def jbond_loss(
     """J-BOND's per-prompt loss [p], whose gradient is (1−β)·G_FW + β·G_BW + γ·G_Reg.
 
     best_anchor_seq [p]: log π(y_best), y_best the better of the two anchor samples (first on
-    ties). policy_seq [p]: log π(y) of the one policy sample; anchor_seq [p]: log π_anchor(y)
-    of that same policy sample. reward [p]: `jbond_reward`. return_baseline b for the return
-    `jbond_return`, log_ratio_baseline b' for log π − log π_anchor (e.g.
-    `batch_leave_one_out_baseline` of each; 0 is unbiased too, only noisier).
+    ties). policy_seq [p]: log π(y) of the policy sample (the paper draws one), or [p, c] for c
+    samples of each prompt, whose backward and regulariser terms are averaged; anchor_seq:
+    log π_anchor(y) of the same samples. reward: `jbond_reward`, same shape. return_baseline b
+    for the return `jbond_return`, log_ratio_baseline b' for log π − log π_anchor (e.g.
+    `batch_leave_one_out_baseline` of each, or leave-one-out over a prompt's c samples; 0 is
+    unbiased too, only noisier).
 
     G_Reg is ∇KL(π‖π_anchor) in policy-gradient form, +sg(log π − log π_anchor − b')·∇log π,
     descended here so γ > 0 pulls the policy toward the anchor, as eq. (19) says. Algorithm 2 as
@@ -172,6 +176,6 @@ def jbond_loss(
     advantages = jbond_return(reward, policy_seq, anchor_seq) - return_baseline
     log_ratio = jax.lax.stop_gradient(policy_seq - anchor_seq) - log_ratio_baseline
     forward = -best_anchor_seq
-    backward = -jax.lax.stop_gradient(advantages) * policy_seq
-    regulariser = jax.lax.stop_gradient(log_ratio) * policy_seq
+    backward = _policy_gradient_loss(advantages, policy_seq)
+    regulariser = -_policy_gradient_loss(log_ratio, policy_seq)
     return (1.0 - beta) * forward + beta * backward + gamma * regulariser

@@ -11,9 +11,11 @@ with p̂_≤ the add-one quantile of y's reward among the N anchor samples (whic
 pool y_best, the first of the best, is taken from), and b leave-one-out over a prompt's c samples
 (or over the batch when c = 1).
 
-`variant=jbond`: 1 policy sample and 2 anchor samples per prompt, the anchor an EMA of the policy
-(rate η); the reward −log 16 when the policy sample is worse than both anchor samples (strict),
-return r_J − sg(log π − log π_anchor) with a leave-one-out batch baseline, plus γ times the
+`variant=jbond`: 1 policy sample (the paper's; `policy_samples` c > 1 averages c of them) and 2
+anchor samples per prompt, the anchor an EMA of the policy (rate η); the reward −log 16 when a
+policy sample is worse than both anchor samples (strict), return r_J − sg(log π − log π_anchor)
+with a leave-one-out baseline (over the batch for one sample a prompt, over the prompt's c
+samples otherwise), plus γ times the
 policy-gradient form of KL(π‖π_anchor) — in the direction that pulls the policy toward the
 anchor (§8.1: Algorithm 2's printed sign would push it away).
 
@@ -77,7 +79,9 @@ class BondConfig:
     prompts_per_step: int = 8  # p
     beta: float = 0.5  # Jeffreys weight β: 0 forward KL only, 1 backward only (paper: 0.5)
     n: int = 8  # BOND: N, the Best-of-N target and the anchor samples per prompt
-    policy_samples: int = 2  # BOND: c policy samples per prompt (c >= 2: leave-one-out per prompt)
+    # c policy samples per prompt (c >= 2: leave-one-out per prompt); None: 2 for BOND, 1 for
+    # J-BOND (the paper's Algorithm 2)
+    policy_samples: int | None = None
     anchor_period: int = 0  # BOND: replace the anchor by the policy every K steps (0: never)
     ema_rate: float = 0.02  # J-BOND: η of the EMA anchor (paper: 0.02)
     gamma: float = 0.0  # J-BOND: γ of the extra KL toward the anchor (paper: 0 to 2)
@@ -95,8 +99,9 @@ class BondConfig:
         if self.variant not in VARIANTS:
             raise ValueError(f"stage.variant={self.variant!r}; expected one of {VARIANTS}")
         for name in ("steps", "prompts_per_step", "policy_samples"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"stage.{name} must be >= 1, got {value}")
         if self.n < 2:
             raise ValueError(
                 f"stage.n must be >= 2 (Best-of-N of one sample is the anchor), got {self.n}"
@@ -113,8 +118,10 @@ class BondConfig:
 
     @property
     def samples(self) -> int:
-        """Policy samples per prompt: c for BOND, 1 for J-BOND."""
-        return self.policy_samples if self.variant == "bond" else 1
+        """Policy samples per prompt c: `policy_samples`, by default 2 for BOND and 1 for J-BOND."""
+        if self.policy_samples is not None:
+            return self.policy_samples
+        return 2 if self.variant == "bond" else 1
 
 
 class BondBatch(NamedTuple):
@@ -193,27 +200,23 @@ def bond_loss_terms(config: BackboneConfig, stage: BondConfig):
         anchor_seq = sequence_log_prob(batch.anchor_log_probs, policy_mask).reshape(p, c)
         rewards = batch.policy_rewards.reshape(p, c)
         quantile = log_quantile(rewards, batch.anchor_rewards)
+
+        def baseline(values):
+            if c >= 2:
+                return leave_one_out_mean(jax.lax.stop_gradient(values))
+            return batch_leave_one_out_baseline(values)
+
         if stage.variant == "bond":
             returns = bond_backward_return(quantile, policy_seq, anchor_seq, n)
-            if c >= 2:
-                baseline = leave_one_out_mean(jax.lax.stop_gradient(returns))
-            else:
-                baseline = batch_leave_one_out_baseline(returns)
-            losses = bond_loss(best_seq, policy_seq, returns - baseline, stage.beta)
+            losses = bond_loss(best_seq, policy_seq, returns - baseline(returns), stage.beta)
         else:
-            reward_j = jbond_reward(rewards[:, 0], batch.anchor_rewards)
-            returns = jbond_return(reward_j, policy_seq[:, 0], anchor_seq[:, 0])
-            log_ratio = jax.lax.stop_gradient(policy_seq[:, 0] - anchor_seq[:, 0])
+            reward_j = jbond_reward(rewards, batch.anchor_rewards)
+            returns = jbond_return(reward_j, policy_seq, anchor_seq)
+            log_ratio = jax.lax.stop_gradient(policy_seq - anchor_seq)
             losses = jbond_loss(
-                best_seq,
-                policy_seq[:, 0],
-                anchor_seq[:, 0],
-                reward_j,
-                batch_leave_one_out_baseline(returns),
-                batch_leave_one_out_baseline(log_ratio),
-                stage.beta,
-                stage.gamma,
-            )
+                best_seq, policy_seq, anchor_seq, reward_j,
+                baseline(returns), baseline(log_ratio), stage.beta, stage.gamma,
+            )  # fmt: skip
         frozen = jax.lax.stop_gradient(tok[:rows])
         per_row = jnp.maximum(jnp.sum(policy_mask, axis=1), 1)
         gap = jnp.sum(jnp.abs(batch.sampler_log_probs[:rows] - frozen) * policy_mask, axis=1)
