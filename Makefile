@@ -30,9 +30,11 @@ lock: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	# Two workers (one per core here); a test file stays on one worker, so its module fixtures
-	# (the quickstart's run, trained tokenizers) are built once.
+	# (the quickstart's run, trained tokenizers) are built once. --no-loadscope-reorder keeps
+	# conftest's longest-first order (xdist would hand out the files with most tests first and
+	# start the one-test flagship recipe last).
 	XLA_FLAGS=--xla_force_host_platform_device_count=8 $(BIN)/python -m pytest -q --durations=15 \
-		-n auto --maxprocesses=4 --dist loadfile
+		-n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 

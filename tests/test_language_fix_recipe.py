@@ -1,17 +1,15 @@
-"""Issue 15's tiny acceptance, seed 0 of `experiments/jpn_language_fix` with the same gates
-(`.venv/bin/python -m pytest experiments/jpn_language_fix/test_seed0.py`, 8 minutes): the SFT
-policy's sampled language-error rate in [20%, 40%], beam below sampled, the plain reward model
-leaving >= 10%, the WARM-preamble RL and J-BOND rows <= 1% (upper end <= 2%) with accuracy
-within 2 points of SFT. The recipe is the one `make demo` runs. It lives here rather than in
-tests/ until the gates hold on every seed (seed 0 misses J-BOND's, NOTES.md) and the suite has
-room for it."""
+"""Issue 15's tiny acceptance, seed 0 of `experiments/jpn_language_fix` with the same gates: the
+SFT policy's sampled language-error rate in [20%, 40%], beam below sampled, the plain reward
+model leaving >= 10%, the WARM-preamble RL and J-BOND rows <= 1% (upper end <= 2%) with accuracy
+within 2 points of SFT. The recipe is the one `make demo` runs (about 8 minutes on one core), so
+the suite starts it first."""
 
 import json
 
 import pytest
 
 
-@pytest.mark.slow
+@pytest.mark.slow(minutes=8)
 def test_language_fix_recipe_meets_its_targets(tmp_path, monkeypatch):
     # The recipe runs as `make demo` does, on one CPU device: the suite's 8 simulated devices
     # split XLA's thread pool and change float reduction orders (seed 0's J-BOND row: 1.6%
