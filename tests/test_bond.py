@@ -320,9 +320,12 @@ def test_jbond_loss_with_two_samples_a_prompt_and_their_leave_one_out_baseline_i
 
         got, want = np.asarray(got), np.asarray(jax.grad(objective)(theta))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-10 * np.abs(want).max())
-    # [p, c] rewards share their prompt's two anchor draws.
-    reward = jbond_reward(jnp.array([[0.5, 2.0], [4.0, 0.0]]), jnp.array([[1.0, 3.0], [0.5, 5.0]]))
-    np.testing.assert_allclose(reward, [[JBOND_PENALTY, 0.0], [0.0, JBOND_PENALTY]], rtol=1e-6)
+    # [p, c] rewards share their prompt's two anchor draws (0.7 loses to prompt 0's worse draw,
+    # 1.0, though not to prompt 1's, 0.5: a [p] min broadcast along c would miss it).
+    reward = jbond_reward(jnp.array([[0.5, 0.7], [4.0, 0.0]]), jnp.array([[1.0, 3.0], [0.5, 5.0]]))
+    np.testing.assert_allclose(
+        reward, [[JBOND_PENALTY, JBOND_PENALTY], [0.0, JBOND_PENALTY]], rtol=1e-6
+    )
 
 
 def test_regulariser_alone_moves_one_sampled_step_toward_the_anchor():
