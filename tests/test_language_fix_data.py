@@ -90,20 +90,24 @@ def test_preference_mixes():
     assert 0.05 < refusals < 0.3
 
 
-def test_short_prompts_draw_most_wrong_replies_from_the_other_short_prompts():
-    from posttrain.data.bilingual_tasks import _SHORT
-
-    short_replies = {reply for _, ja, _, en in _SHORT for reply in (ja, en)}
+@pytest.mark.parametrize("kind", ["short", "translation"])
+def test_few_reply_kinds_draw_most_wrong_replies_from_their_own_kind(kind):
+    rng = random.Random(0)
+    kind_replies = {r for _ in range(3000) for r in draw_kind(rng, kind).reply.values()}
     pairs = language_fix.preference_rows(6000, seed=2)
     ordinary = [r for r in pairs if r["pair_type"] == "ordinary"]
-    short = [r for r in ordinary if r["kind"] == "short"]
-    others = [r for r in ordinary if r["kind"] != "short"]
-    same = np.mean([r["rejected"] in short_replies for r in short])
-    # 85% from the short kind, and some of the 10% of any kind are short too.
+    own = [r for r in ordinary if r["kind"] == kind]
+    others = [r for r in ordinary if r["kind"] not in language_fix._FEW_REPLY_KINDS]
+    same = np.mean([r["rejected"] in kind_replies for r in own])
+    # 85% from the same kind, and some of the 10% of any kind are that kind too.
     assert 0.82 < same < 0.95, same
-    refusals = np.mean([r["rejected"] in language_fix._REFUSALS.values() for r in short])
+    refusals = np.mean([r["rejected"] in language_fix._REFUSALS.values() for r in own])
     assert refusals < 0.1
     assert 0.1 < np.mean([r["rejected"] in language_fix._REFUSALS.values() for r in others]) < 0.2
+    # An ordinary kind keeps the default 55% same-kind share.
+    capital = [r for r in ordinary if r["kind"] == "capital"]
+    capital_replies = {r for _ in range(3000) for r in draw_kind(rng, "capital").reply.values()}
+    assert 0.5 < np.mean([r["rejected"] in capital_replies for r in capital]) < 0.8
 
 
 def test_bad_settings_name_the_culprit():

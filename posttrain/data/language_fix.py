@@ -115,20 +115,24 @@ def evaluation_prompts(num_rows: int, seed: int = 0) -> list[dict]:
 
 # (refusal, same kind) cumulative shares of a wrong-content negative; the rest is any kind.
 _NEGATIVE_SHARES = (0.15, 0.7)
-# A short prompt's reply is one of 12 fixed ones, so the reward model must bind 12 x 11
-# (prompt, wrong reply) combinations; at the default shares most were never seen rejected and RL
-# found one ("またね" -> "はい、元気です。あなたは？", scored above the right reply).
-_SHORT_NEGATIVE_SHARES = (0.05, 0.9)
+# A short prompt's reply is one of 12 fixed ones and a translation's one of 24, so the reward
+# model must bind every (prompt, wrong reply of the same kind) combination; at the default shares
+# most were never seen rejected and RL found them ("またね" -> "はい、元気です。あなたは？";
+# seed 8: "「海」は英語で何と言いますか？" -> "英語では dog と言います。", "dog" rejected once in
+# 20 pairs and scored a near-tie with "sea").
+_FEW_REPLY_KINDS = ("short", "translation")
+_FEW_REPLY_NEGATIVE_SHARES = (0.05, 0.9)
 
 
 def _wrong_content(rng: random.Random, task: Task, language: str) -> str:
     """A fluent reply in `language` that answers something else: mostly the same kind of task
     with other fill-ins (so the reward model learns the content, not just the reply's shape),
     else a task of any kind (15% / 55% / 30%: refusal, same kind, any kind; 5% / 85% / 10% for a
-    short prompt). Any kind includes the ordinary ones for a challenging prompt: RL otherwise
+    short or translation prompt, whose replies come from a small fixed set). Any kind includes the ordinary ones for a challenging prompt: RL otherwise
     finds a fluent off-topic reply the reward model never saw rejected ("Chrome とは何ですか？"
     -> "タイの首都はバンコクです。")."""
-    refusal, same_kind = _SHORT_NEGATIVE_SHARES if task.kind == "short" else _NEGATIVE_SHARES
+    few_replies = task.kind in _FEW_REPLY_KINDS
+    refusal, same_kind = _FEW_REPLY_NEGATIVE_SHARES if few_replies else _NEGATIVE_SHARES
     roll = rng.random()
     if roll < refusal:
         return _REFUSALS[language]
