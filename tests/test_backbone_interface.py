@@ -164,7 +164,7 @@ def test_sampler_log_probs_equal_the_training_forward(model):
     response, lengths, sampled = jax.device_get((out.tokens, out.lengths, out.model_log_probs))
     # when the rows are laid out for training and scored by the training forward,
     repeated = [p for p in prompts for _ in range(2)]
-    rows, row_segments, mask, sampler = training_rows(repeated, response, lengths, sampled, 16)
+    rows, row_segments, mask, sampler = training_rows(repeated, response, lengths, sampled, 26)
     scored = sequence_token_log_probs(
         config, params, rows[:, :-1], rows[:, 1:], row_segments[:, :-1], 128
     )

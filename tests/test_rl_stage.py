@@ -25,7 +25,7 @@ from posttrain.data.synthetic import bilingual_corpus, reversal_rows
 from posttrain.losses.log_probs import sequence_token_log_probs
 from posttrain.models import get_preset, init_params
 from posttrain.rewards.api import RuleReward
-from posttrain.rl.rollouts import EpochRollouts, RolloutBatch, RolloutSource
+from posttrain.rl.rollouts import EpochRollouts, RolloutBatch, RolloutSource, row_width
 from posttrain.sampling.sampler import SamplingConfig, generate, left_pad
 from posttrain.stages.kit import bundle_tokenizer
 from posttrain.stages.reinforce import ReinforceConfig
@@ -55,8 +55,9 @@ def policy(tmp_path_factory):
     )
 
 
-def _source(policy, k=3, p=4, seed=0):
-    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0, stop_ids=(EOS_ID, END_OF_TURN_ID))
+def _source(policy, k=3, p=4, seed=0, max_new_tokens=12):
+    stops = (EOS_ID, END_OF_TURN_ID)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, stop_ids=stops)
     return RolloutSource(
         policy.config,
         policy.tokenizer,
@@ -95,6 +96,34 @@ def test_sampler_log_probs_equal_the_training_forward(policy):
     # Rewards are the rule's on the decoded text.
     expected = RuleReward("language_match")(source.last_prompts, source.last_responses)
     np.testing.assert_array_equal(batch.rewards, expected)
+
+
+def test_training_rows_drop_the_samplers_left_padding_and_score_the_same(policy):
+    new = 20  # these prompts: at most 28 tokens, a sampler width of 32; rows 48 wide, not 52
+    source = _source(policy, max_new_tokens=new)
+    longest = max(len(ids) for ids in source.encoded)
+    assert source.row_width == row_width(longest, source.prompt_width, new)
+    assert source.row_width < source.prompt_width + new, (longest, source.prompt_width)
+    assert source.row_width % 16 == 0 and source.row_width - 16 < longest + new
+    batch = source.next_batch(types.SimpleNamespace(params=policy.params))
+    assert batch.tokens.shape[1] == source.row_width
+    # Widened to the sampler's full width, the rows only gain padding: the same log-probs.
+    extra = source.prompt_width + new - source.row_width
+    wide = np.pad(batch.tokens, ((0, 0), (0, extra)))
+    wide_segments = np.pad(batch.segments, ((0, 0), (0, extra)))
+    scored = sequence_token_log_probs(
+        policy.config, policy.params, wide[:, :-1], wide[:, 1:], wide_segments[:, :-1]
+    )
+    mask = batch.response_mask
+    narrow = np.asarray(scored)[:, : mask.shape[1]]
+    np.testing.assert_allclose(narrow[mask], batch.reference_log_probs[mask], atol=1e-5)
+
+
+def test_row_width_rounds_up_and_never_exceeds_the_samplers_width():
+    assert row_width(37, 64, 24) == 64  # the language-fix recipe: 88 before
+    assert row_width(41, 64, 24) == 80
+    assert row_width(16, 16, 24) == 40  # 48 aligned, but the sampler's width is smaller
+    assert row_width(1, 16, 1) == 16
 
 
 def test_k_samples_share_one_prefill_and_equal_repeated_prompts(policy):
@@ -138,7 +167,7 @@ def test_rollout_source_position_resumes_exactly(policy):
 class _CountingSource:
     """Batches of 2 rows x 4 tokens whose rewards count the draws."""
 
-    p, k, prompt_width, sampling = 1, 2, 2, SamplingConfig(max_new_tokens=2)
+    p, k, prompt_width, row_width, sampling = 1, 2, 2, 4, SamplingConfig(max_new_tokens=2)
 
     def __init__(self):
         self.draws, self.seconds = 0, {}
@@ -358,8 +387,9 @@ def test_iterative_bond_replaces_its_anchor_and_jbond_moves_an_ema_anchor(policy
     # Iterative BOND with N = 4 anchors, 2 policy samples, the anchor copied every 2 steps:
     _bond(policy, tmp_path / "bond", "stage.variant=bond", "stage.n=4", "stage.anchor_period=2")
     rows = [json.loads(x) for x in (tmp_path / "bond" / "metrics.jsonl").open()]
-    # after the copy at step 2, step 3 samples a policy equal to its anchor: KL exactly 0,
-    assert abs(rows[2]["kl_to_anchor"]) < 1e-6 and abs(rows[0]["kl_to_anchor"]) < 1e-6
+    # after the copy at step 2, step 3 samples a policy equal to its anchor: KL 0 up to float32
+    # rounding (the loss's forward and the anchor scorer are two programs summing ~100 nats),
+    assert abs(rows[2]["kl_to_anchor"]) < 1e-5 and abs(rows[0]["kl_to_anchor"]) < 1e-5
     assert abs(rows[1]["kl_to_anchor"]) > 1e-4 and abs(rows[3]["kl_to_anchor"]) > 1e-4
     for row in rows:
         assert row["sampler_gap"] < 1e-4 and 0.0 <= row["win_rate_vs_anchor"] <= 1.0
@@ -371,7 +401,7 @@ def test_iterative_bond_replaces_its_anchor_and_jbond_moves_an_ema_anchor(policy
         policy, tmp_path / "jbond", "stage.variant=jbond", "stage.ema_rate=0.5", "stage.gamma=0.1"
     )
     rows = [json.loads(x) for x in (tmp_path / "jbond" / "metrics.jsonl").open()]
-    assert abs(rows[0]["kl_to_anchor"]) < 1e-6 and rows[-1]["kl_to_anchor"] != 0.0
+    assert abs(rows[0]["kl_to_anchor"]) < 1e-5 and abs(rows[-1]["kl_to_anchor"]) > 1e-4
     summary = json.loads((tmp_path / "jbond" / "summary.json").read_text())
     assert summary["stage"] == "bond" and summary["metrics"]["variant"] == "jbond"
     assert (tmp_path / "jbond" / "reward_vs_kl.png").exists()

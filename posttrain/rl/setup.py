@@ -102,7 +102,8 @@ def reference_curve(ctx: Any, source: RolloutSource, reference: Any, stage: Any)
         seed=stage.seed + 1,
         chunk_size=source.chunk_size,
     )
-    probe.prompt_width = source.prompt_width  # the run's compiled sampler shape
+    # The run's compiled sampler and scorer shapes.
+    probe.prompt_width, probe.row_width = source.prompt_width, source.row_width
     batch = probe.next_batch(types.SimpleNamespace(params=reference))
     curve = best_of_n_curve(batch.rewards.reshape(-1, stage.bon_pool))
     if ctx.is_main:

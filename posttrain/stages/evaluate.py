@@ -182,7 +182,7 @@ def _kl(stage, config, reference, prompts, k, tokens, lengths, model_log_probs, 
     """k1 = log π(y|x) − log π_ref(y|x) of each sampled reply (unbiased for KL(π‖π_ref))."""
     prompt_ids = [ids for ids in prompts for _ in range(k)]
     rows, segments, mask, sampled = training_rows(
-        prompt_ids, tokens, lengths, model_log_probs, width
+        prompt_ids, tokens, lengths, model_log_probs, width + tokens.shape[1]
     )
     under_reference = sequence_token_log_probs(
         config,
