@@ -203,10 +203,13 @@ def copy_plots(pipeline_dir: Path, seed: int) -> None:
             shutil.copyfile(source, PLOTS / f"seed{seed}_{stage}.png")
 
 
-def run_seed(seed: int, pipeline_dir: Path, write: bool = True) -> tuple[str, dict[str, bool]]:
-    """Run, tabulate and gate one seed; returns (the table, the gates)."""
+def run_seed(
+    seed: int, pipeline_dir: Path, write: bool = True, redo: list[str] | None = None
+) -> tuple[str, dict[str, bool]]:
+    """Run, tabulate and gate one seed (`redo`: stages of an earlier run of it to run again,
+    with their dependents); returns (the table, the gates)."""
     started = time.perf_counter()
-    command = run_recipe(pipeline_dir, seed)
+    command = run_recipe(pipeline_dir, seed, [f"redo=[{','.join(redo)}]"] if redo else None)
     evaluations = read_evaluations(pipeline_dir)
     passed = gates(evaluations)
     if write:
@@ -223,10 +226,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 5, 6, 7, 8])
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "jpn_language_fix")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    parser.add_argument(
+        "--redo",
+        nargs="+",
+        metavar="STAGE",
+        help="run these stages of an earlier run again (after a recipe change that only they see)",
+    )
     args = parser.parse_args()
     failed = []
     for seed in args.seeds:
-        text, passed = run_seed(seed, args.runs / f"seed{seed}")
+        text, passed = run_seed(seed, args.runs / f"seed{seed}", redo=args.redo)
         print(f"\nseed {seed}\n{text}\n{passed}", flush=True)
         failed += [f"seed {seed}: {name}" for name, ok in passed.items() if not ok]
     if failed:
