@@ -1,7 +1,7 @@
 """Issue 15's tiny acceptance, seed 0 of `experiments/jpn_language_fix` with the same gates: the
 SFT policy's sampled language-error rate in [20%, 40%], beam below sampled, the plain reward
 model leaving >= 10%, the WARM-preamble RL and J-BOND rows <= 1% (upper end <= 2%) with accuracy
-within 2 points of SFT. The recipe is the one `make demo` runs (about 8 minutes on one core), so
+within 2 points of SFT. The recipe is the one `make demo` runs (8-12 minutes, host by host), so
 the suite starts it first."""
 
 import json
