@@ -272,8 +272,8 @@ def row_width(longest_prompt: int, prompt_width: int, max_new_tokens: int) -> in
 
     Rows are right-padded `prompt ; response`, so the sampler's left padding (prompt lengths
     round up to a power of two) need not be carried: on the language-fix recipe's prompts
-    (at most 37 tokens, 24 new) T is 64, not 88, and the policy's gradient step takes about
-    half the time (experiments/bench/rl)."""
+    (at most 37 tokens, 24 new) T is 64, not 88, and a REINFORCE step is 1.47x faster
+    (experiments/bench/rl/ROW_WIDTH_RESULTS.md)."""
     aligned = -(-(longest_prompt + max_new_tokens) // ROW_ALIGN) * ROW_ALIGN
     return min(aligned, prompt_width + max_new_tokens)
 
