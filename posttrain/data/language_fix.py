@@ -128,9 +128,9 @@ def _wrong_content(rng: random.Random, task: Task, language: str) -> str:
     """A fluent reply in `language` that answers something else: mostly the same kind of task
     with other fill-ins (so the reward model learns the content, not just the reply's shape),
     else a task of any kind (15% / 55% / 30%: refusal, same kind, any kind; 5% / 85% / 10% for a
-    short or translation prompt, whose replies come from a small fixed set). Any kind includes the ordinary ones for a challenging prompt: RL otherwise
-    finds a fluent off-topic reply the reward model never saw rejected ("Chrome とは何ですか？"
-    -> "タイの首都はバンコクです。")."""
+    short or translation prompt, whose replies come from a small fixed set). Any kind includes
+    the ordinary ones for a challenging prompt: RL otherwise finds a fluent off-topic reply the
+    reward model never saw rejected ("Chrome とは何ですか？" -> "タイの首都はバンコクです。")."""
     few_replies = task.kind in _FEW_REPLY_KINDS
     refusal, same_kind = _FEW_REPLY_NEGATIVE_SHARES if few_replies else _NEGATIVE_SHARES
     roll = rng.random()
