@@ -222,10 +222,12 @@ def hydra_main(cfg: DictConfig) -> None:
     import absl.logging
     from hydra.core.hydra_config import HydraConfig
 
+    from posttrain.compilation_cache import configure_compilation_cache
     from posttrain.host_memory import configure_host_allocator
 
     if reuses_host_memory(cfg):
         configure_host_allocator()  # before JAX starts its threads
+    configure_compilation_cache(cfg.get("compilation_cache"))
     absl.logging.set_verbosity("warning")  # Orbax narrates every save at INFO
     if cfg.recipe:
         run_recipe(cfg)

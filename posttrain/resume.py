@@ -30,6 +30,7 @@ IGNORED = (
     "recipe",
     "redo",
     "device_memory_gib",
+    "compilation_cache",
 )
 # Keys a stage derives and saves: a random model takes its tokenizer's vocabulary (and a change
 # of tokenizer is caught by its own key and by the tokenizer check).
