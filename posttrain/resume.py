@@ -45,6 +45,7 @@ SAFE_TO_CHANGE = (
     "stage.keep_checkpoints",
     "stage.sample_every",
     "stage.eval_batches",
+    "stage.score_batch_size",
     "stage.exact_match_examples",
     "stage.max_new_tokens",
     "stage.skip_nonfinite",

@@ -194,3 +194,25 @@ def test_train_metrics_score_an_even_spread_of_the_training_pairs():
     assert subset_types == ["t0", "t3", "t6", "t9"]
     for everything in (0, 10, 50):
         assert _metric_subset(rows, types, everything)[0].chosen.shape == (10, 3)
+
+
+def test_scoring_in_larger_calls_gives_the_same_scores(assets):
+    from posttrain.stages.reward import RewardConfig, score_pairs
+
+    root, tokenizer = assets
+    config, backbone = load_hf(root / "sft")
+    head = {"w": jnp.linspace(-1, 1, config.embed_dim), "b": jnp.float32(0.25)}
+    params = {"backbone": backbone, "head": head}
+    rows, _ = build_preferences(preference_rows(40, 3), tokenizer, 96, "p")
+    assert len(rows.chosen) > 32
+    small = score_pairs(config, params, rows, 8)
+    # Calls of 32: one full call and a short last one.
+    large = score_pairs(config, params, rows, 32)
+    for a, b in zip(small, large, strict=True):
+        assert a.shape == (len(rows.chosen),)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    stage = dict(init_checkpoint="sft", train="pairs.jsonl", batch_size=8)
+    assert RewardConfig(**stage).scoring_batch == 8
+    assert RewardConfig(**stage, score_batch_size=64).scoring_batch == 64
+    with pytest.raises(ValueError, match="score_batch_size must be 0 or a multiple of"):
+        RewardConfig(**stage, score_batch_size=20)

@@ -72,7 +72,15 @@ class RewardConfig:
     # The train_* metrics score this many training pairs, spread evenly over the file (0: all):
     # scoring every pair of a large set several times costs more than the training.
     train_metric_pairs: int = 2048
+    # Pairs per call when scoring for metrics (0: batch_size). Scoring is forward-only, so a
+    # multiple of batch_size fits where training does and makes fewer, fuller calls.
+    score_batch_size: int = 0
     seed: int = 0
+
+    @property
+    def scoring_batch(self) -> int:
+        """Pairs per scoring call for metrics."""
+        return self.score_batch_size or self.batch_size
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "max_length", "probe_pairs"):
@@ -80,6 +88,11 @@ class RewardConfig:
                 raise ValueError(f"stage.{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
             raise ValueError(f"stage.save_every must be >= 0, got {self.save_every}")
+        if self.score_batch_size < 0 or self.score_batch_size % self.batch_size:
+            raise ValueError(
+                f"stage.score_batch_size must be 0 or a multiple of stage.batch_size "
+                f"({self.batch_size}), got {self.score_batch_size}"
+            )
         if self.train_metric_pairs < 0:
             raise ValueError(
                 f"stage.train_metric_pairs must be >= 0, got {self.train_metric_pairs}"
@@ -342,7 +355,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
     if result.interrupted:
         return ctx.finish(metrics)
     params = result.state.params
-    metrics |= evaluate_reward_model(config, params, splits, stage.batch_size)
+    metrics |= evaluate_reward_model(config, params, splits, stage.scoring_batch)
     ctx.tracker.log({f"eval/{k}": v for k, v in metrics.items()}, metrics["steps"])
     metrics["checkpoint"] = save_reward_export(
         ctx, config, params, ctx.run_dir / "reward_model", tokenizer, stage.preamble

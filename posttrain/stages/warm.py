@@ -235,7 +235,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 (trunk_dir / "reward_model" / "member.json").write_text(json.dumps(info, indent=2))
         trunk = load_reward_model(trunk_dir / "reward_model")[1]
         metrics["trunk"] = str(trunk_dir / "reward_model")
-        metrics |= _split_metrics(config, trunk, splits, stage.reward.batch_size, "trunk")
+        metrics |= _split_metrics(config, trunk, splits, stage.reward.scoring_batch, "trunk")
     member_dirs, member_params = [], []
     for index in range(stage.members):
         member_cfg, checkpoint = stage.member(index)
@@ -269,7 +269,7 @@ def run(ctx: StageContext) -> dict[str, Any]:
                 (done / "member.json").write_text(json.dumps(info, indent=2))
         member_dirs.append(str(done))
         member_params.append(load_reward_model(done)[1])
-    batch_size = stage.reward.batch_size
+    batch_size = stage.reward.scoring_batch
     compared, averaged = compare_members(config, member_params, splits, batch_size)
     metrics |= compared
     if stage.average == "greedy":
