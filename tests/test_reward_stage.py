@@ -197,7 +197,7 @@ def test_train_metrics_score_an_even_spread_of_the_training_pairs():
 
 
 def test_scoring_in_larger_calls_gives_the_same_scores(assets):
-    from posttrain.stages.reward import RewardConfig, score_pairs
+    from posttrain.stages.reward import RewardConfig, _trimmed, score_pairs
 
     root, tokenizer = assets
     config, backbone = load_hf(root / "sft")
@@ -211,6 +211,16 @@ def test_scoring_in_larger_calls_gives_the_same_scores(assets):
     for a, b in zip(small, large, strict=True):
         assert a.shape == (len(rows.chosen),)
         np.testing.assert_allclose(a, b, atol=1e-5)
+    # score_pairs cuts each call's rows after their longest one: the same scores as full width.
+    full = reward_scores(config, params, rows.chosen, rows.chosen_segments)
+    np.testing.assert_allclose(large[0], full, atol=1e-5)
+    shortest = np.argsort(rows.chosen_segments.sum(axis=1))[:8]
+    tokens, segments = _trimmed(rows.chosen[shortest], rows.chosen_segments[shortest])
+    longest = int(rows.chosen_segments[shortest].sum(axis=1).max())
+    assert rows.chosen.shape[1] == 96 and tokens.shape[1] == -(-longest // 32) * 32 < 96
+    assert segments.shape == tokens.shape
+    trimmed = reward_scores(config, params, tokens, segments)
+    np.testing.assert_allclose(trimmed, full[shortest], atol=1e-5)
     stage = dict(init_checkpoint="sft", train="pairs.jsonl", batch_size=8)
     assert RewardConfig(**stage).scoring_batch == 8
     assert RewardConfig(**stage, score_batch_size=64).scoring_batch == 64

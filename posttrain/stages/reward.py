@@ -274,9 +274,21 @@ def score_pairs(
     chosen, rejected = [], []
     for start in range(0, len(rows.chosen), batch_size):
         part = slice(start, start + batch_size)
-        chosen.append(score(params, rows.chosen[part], rows.chosen_segments[part]))
-        rejected.append(score(params, rows.rejected[part], rows.rejected_segments[part]))
+        chosen.append(score(params, *_trimmed(rows.chosen[part], rows.chosen_segments[part])))
+        rejected.append(score(params, *_trimmed(rows.rejected[part], rows.rejected_segments[part])))
     return np.concatenate(chosen), np.concatenate(rejected)
+
+
+SCORE_WIDTH_ALIGN = 32  # trimmed widths are multiples of this, so few shapes are compiled
+
+
+def _trimmed(tokens: Any, segments: Any) -> tuple[Any, Any]:
+    """Rows cut after their longest one's last token (rounded up to SCORE_WIDTH_ALIGN): the
+    padding after it is masked and causal, so the scores do not change, and a split padded to
+    `max_length` is not scored at full width."""
+    longest = int(np.max(np.sum(np.asarray(segments) > 0, axis=1), initial=1))
+    width = min(-(-longest // SCORE_WIDTH_ALIGN) * SCORE_WIDTH_ALIGN, tokens.shape[1])
+    return tokens[:, :width], segments[:, :width]
 
 
 def pair_metrics(
