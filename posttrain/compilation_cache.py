@@ -23,11 +23,12 @@ MAX_SIZE_BYTES = 4 << 30  # least recently used programs go first beyond this
 def configure_compilation_cache(directory: str | Path | None) -> str | None:
     """Cache compiled programs in `directory` (None: off); JAX_COMPILATION_CACHE_DIR, when set,
     wins. Returns the directory in use, or None."""
-    chosen = os.environ.get(ENVIRONMENT_VARIABLE) or (str(directory) if directory else None)
-    if chosen is None:
+    chosen = os.environ.get(ENVIRONMENT_VARIABLE) or directory
+    if not chosen:
         return None
-    Path(chosen).expanduser().mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(Path(chosen).expanduser()))
+    path = Path(chosen).expanduser()
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_compilation_cache_max_size", MAX_SIZE_BYTES)
-    return chosen
+    return str(path)

@@ -27,6 +27,7 @@ from posttrain.data.shared_prompt import PAIR_LAYOUTS, ForkedPairs, SharedPrompt
 from posttrain.losses.bradley_terry import bradley_terry_loss, preference_metrics
 from posttrain.models import backbone as backbones
 from posttrain.models.backbone import BackboneConfig, param_logical_axes
+from posttrain.rewards.api import LENGTH_BUCKET
 from posttrain.rewards.reward_model import (
     fit_linear_probe,
     init_head,
@@ -279,15 +280,12 @@ def score_pairs(
     return np.concatenate(chosen), np.concatenate(rejected)
 
 
-SCORE_WIDTH_ALIGN = 32  # trimmed widths are multiples of this, so few shapes are compiled
-
-
 def _trimmed(tokens: Any, segments: Any) -> tuple[Any, Any]:
-    """Rows cut after their longest one's last token (rounded up to SCORE_WIDTH_ALIGN): the
+    """Rows cut after their longest one's last token (rounded up to LENGTH_BUCKET): the
     padding after it is masked and causal, so the scores do not change, and a split padded to
     `max_length` is not scored at full width."""
     longest = int(np.max(np.sum(np.asarray(segments) > 0, axis=1), initial=1))
-    width = min(-(-longest // SCORE_WIDTH_ALIGN) * SCORE_WIDTH_ALIGN, tokens.shape[1])
+    width = min(-(-longest // LENGTH_BUCKET) * LENGTH_BUCKET, tokens.shape[1])
     return tokens[:, :width], segments[:, :width]
 
 
